@@ -1,0 +1,140 @@
+package certs
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"net"
+	"slices"
+	"strings"
+)
+
+// ServerConfig returns a TLS 1.3 server configuration that requires a
+// client certificate from the CA, presents the Store's current certificate,
+// offers the ALPN protocols alpn and enforces Config.AllowedPeers. Session
+// tickets are enabled so clients can resume; tickets issued before the
+// server's certificate was rotated are not accepted.
+//
+// Each returned config has its own session ticket keys; reuse one config per
+// listener rather than calling ServerConfig per connection.
+func (s *Store) ServerConfig(alpn []string) *tls.Config {
+	cfg := &tls.Config{
+		MinVersion:       tls.VersionTLS13,
+		MaxVersion:       tls.VersionTLS13,
+		ClientAuth:       tls.RequireAndVerifyClientCert,
+		ClientCAs:        s.pool,
+		NextProtos:       slices.Clone(alpn),
+		VerifyConnection: s.verifyConnection,
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+			cert, _ := s.current()
+			return cert, nil
+		},
+	}
+	cfg.WrapSession = func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
+		ss.Extra = append(ss.Extra, genExtra(s.generation()))
+		return cfg.EncryptTicket(cs, ss)
+	}
+	cfg.UnwrapSession = func(identity []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
+		ss, err := cfg.DecryptTicket(identity, cs)
+		if err != nil || ss == nil {
+			return ss, err
+		}
+		if gen, ok := extraGen(ss.Extra); !ok || gen != s.generation() {
+			return nil, nil // full handshake
+		}
+		return ss, nil
+	}
+	return cfg
+}
+
+// ClientConfig returns a TLS 1.3 client configuration that verifies the
+// server against the CA and serverName, presents the Store's current
+// certificate, offers the ALPN protocols alpn and enforces
+// Config.AllowedPeers on the server's certificate. serverName is a host
+// name or IP address; a ":port" suffix is ignored. All configs from one
+// Store share a session cache, so new connections resume.
+func (s *Store) ClientConfig(serverName string, alpn []string) *tls.Config {
+	if host, _, err := net.SplitHostPort(serverName); err == nil {
+		serverName = host
+	}
+	serverName = strings.TrimSuffix(strings.TrimPrefix(serverName, "["), "]")
+	return &tls.Config{
+		MinVersion:         tls.VersionTLS13,
+		MaxVersion:         tls.VersionTLS13,
+		RootCAs:            s.pool,
+		ServerName:         serverName,
+		NextProtos:         slices.Clone(alpn),
+		ClientSessionCache: s.cache,
+		VerifyConnection:   s.verifyConnection,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			cert, _ := s.current()
+			return cert, nil
+		},
+	}
+}
+
+// verifyConnection applies Config.AllowedPeers to a handshake whose peer
+// certificate crypto/tls has already verified against the CA. It runs on
+// full and resumed handshakes alike.
+func (s *Store) verifyConnection(cs tls.ConnectionState) error {
+	if len(s.cfg.AllowedPeers) == 0 {
+		return nil
+	}
+	if len(cs.PeerCertificates) == 0 {
+		return fmt.Errorf("%w: no peer certificate", ErrPeerNotAllowed)
+	}
+	cert := cs.PeerCertificates[0]
+	names := peerNames(cert)
+	for _, pattern := range s.cfg.AllowedPeers {
+		for _, name := range names {
+			if matchName(pattern, name) {
+				return nil
+			}
+		}
+	}
+	return fmt.Errorf("%w: %s", ErrPeerNotAllowed, describe(cert))
+}
+
+// PeerName returns the common name, or failing that the first DNS SAN, of
+// the verified peer certificate in cs, or "" if there is none.
+func PeerName(cs tls.ConnectionState) string {
+	if len(cs.VerifiedChains) == 0 || len(cs.VerifiedChains[0]) == 0 {
+		return ""
+	}
+	cert := cs.VerifiedChains[0][0]
+	if cert.Subject.CommonName != "" {
+		return cert.Subject.CommonName
+	}
+	if len(cert.DNSNames) > 0 {
+		return cert.DNSNames[0]
+	}
+	return ""
+}
+
+// peerNames lists the names of cert that AllowedPeers is matched against.
+func peerNames(cert *x509.Certificate) []string {
+	names := make([]string, 0, 1+len(cert.DNSNames))
+	if cert.Subject.CommonName != "" {
+		names = append(names, cert.Subject.CommonName)
+	}
+	return append(names, cert.DNSNames...)
+}
+
+// describe names a certificate in error messages.
+func describe(cert *x509.Certificate) string {
+	return fmt.Sprintf("CN=%q DNS=%q", cert.Subject.CommonName, cert.DNSNames)
+}
+
+// matchName reports whether name matches pattern, which is an exact name or
+// "*.suffix" matching exactly one leftmost label. Case and a trailing dot
+// are ignored.
+func matchName(pattern, name string) bool {
+	pattern = strings.ToLower(strings.TrimSuffix(pattern, "."))
+	name = strings.ToLower(strings.TrimSuffix(name, "."))
+	suffix, ok := strings.CutPrefix(pattern, "*.")
+	if !ok {
+		return pattern == name
+	}
+	label, rest, ok := strings.Cut(name, ".")
+	return ok && label != "" && rest == suffix
+}

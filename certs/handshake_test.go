@@ -1,0 +1,278 @@
+package certs
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+var alpn = []string{"migtun/1"}
+
+// result is what one side of a handshake saw.
+type result struct {
+	state tls.ConnectionState
+	err   error
+}
+
+// dial runs one connection over loopback TCP between a server using srv
+// and a client using cli. The server sends one byte after its handshake;
+// the client reads it, which also collects session tickets and any alert
+// the server sent after the client's handshake finished.
+func dial(t *testing.T, srv, cli *tls.Config) (server, client result) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	done := make(chan result, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		tc := tls.Server(c, srv)
+		err = tc.Handshake()
+		if err == nil {
+			_, err = tc.Write([]byte{'x'})
+			io.Copy(io.Discard, tc) // until the client closes
+		}
+		done <- result{tc.ConnectionState(), err}
+	}()
+
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	tc := tls.Client(c, cli)
+	err = tc.Handshake()
+	if err == nil {
+		_, err = io.ReadFull(tc, make([]byte, 1))
+	}
+	client = result{tc.ConnectionState(), err}
+	tc.Close()
+	return <-done, client
+}
+
+// mustDial is dial expecting success on both sides.
+func mustDial(t *testing.T, srv, cli *tls.Config) (server, client tls.ConnectionState) {
+	t.Helper()
+	s, c := dial(t, srv, cli)
+	if s.err != nil || c.err != nil {
+		t.Fatalf("handshake: server: %v; client: %v", s.err, c.err)
+	}
+	return s.state, c.state
+}
+
+func TestHandshakeMutualAuth(t *testing.T) {
+	dir := newCA(t)
+	server := newHost(t, dir, "server", []string{"127.0.0.1"})
+	client := newHost(t, dir, "client", nil)
+
+	ss, cs := mustDial(t, server.ServerConfig(alpn), client.ClientConfig("127.0.0.1:4443", alpn))
+	if cs.Version != tls.VersionTLS13 {
+		t.Errorf("version %x, want TLS 1.3", cs.Version)
+	}
+	if cs.NegotiatedProtocol != "migtun/1" {
+		t.Errorf("ALPN %q", cs.NegotiatedProtocol)
+	}
+	if got := PeerName(ss); got != "client" {
+		t.Errorf("server sees peer %q, want client", got)
+	}
+	if got := PeerName(cs); got != "server" {
+		t.Errorf("client sees peer %q, want server", got)
+	}
+	if PeerName(tls.ConnectionState{}) != "" {
+		t.Error("PeerName of an empty state is not empty")
+	}
+}
+
+func TestResumption(t *testing.T) {
+	dir := newCA(t)
+	server := newHost(t, dir, "server", nil)
+	client := newHost(t, dir, "client", nil)
+	srv := server.ServerConfig(alpn)
+
+	_, cs := mustDial(t, srv, client.ClientConfig("server", alpn))
+	if cs.DidResume {
+		t.Fatal("first connection resumed")
+	}
+	// A new config from the same Store shares the session cache.
+	ss, cs := mustDial(t, srv, client.ClientConfig("server", alpn))
+	if !cs.DidResume || !ss.DidResume {
+		t.Fatalf("second connection: client resumed %v, server resumed %v", cs.DidResume, ss.DidResume)
+	}
+	if PeerName(ss) != "client" || PeerName(cs) != "server" {
+		t.Errorf("resumed peers: server sees %q, client sees %q", PeerName(ss), PeerName(cs))
+	}
+}
+
+func TestOtherCARefused(t *testing.T) {
+	dir, other := newCA(t), newCA(t)
+	server := newHost(t, dir, "server", nil)
+	stranger := newHost(t, other, "stranger", nil)
+
+	// The stranger's server certificate is refused by our client.
+	client := newHost(t, dir, "client", nil)
+	_, c := dial(t, stranger.ServerConfig(alpn), client.ClientConfig("stranger", alpn))
+	var unknown x509.UnknownAuthorityError
+	if !errors.As(c.err, &unknown) {
+		t.Errorf("client: %v, want x509.UnknownAuthorityError", c.err)
+	}
+
+	// The stranger's client certificate is refused by our server, even
+	// though the stranger trusts our CA.
+	if err := Issue(other, "intruder", nil); err != nil {
+		t.Fatal(err)
+	}
+	intruder := loadHost(t, other, "intruder", dir)
+	s, c := dial(t, server.ServerConfig(alpn), intruder.ClientConfig("server", alpn))
+	if !errors.As(s.err, &unknown) {
+		t.Errorf("server: %v, want x509.UnknownAuthorityError", s.err)
+	}
+	if c.err == nil {
+		t.Error("client: handshake succeeded")
+	}
+}
+
+func TestExpiredRefused(t *testing.T) {
+	dir := newCA(t)
+	server := newHost(t, dir, "server", nil)
+	client := newHost(t, dir, "client", nil)
+	past := time.Now().Add(-48 * time.Hour)
+	if err := issue(dir, "old", nil, past, past.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	old := loadHost(t, dir, "old", dir)
+
+	var invalid x509.CertificateInvalidError
+	s, _ := dial(t, server.ServerConfig(alpn), old.ClientConfig("server", alpn))
+	if !errors.As(s.err, &invalid) || invalid.Reason != x509.Expired {
+		t.Errorf("server: %v, want expired", s.err)
+	}
+	_, c := dial(t, old.ServerConfig(alpn), client.ClientConfig("old", alpn))
+	if !errors.As(c.err, &invalid) || invalid.Reason != x509.Expired {
+		t.Errorf("client: %v, want expired", c.err)
+	}
+}
+
+func TestAllowedPeers(t *testing.T) {
+	dir := newCA(t)
+	server := newHost(t, dir, "server", []string{"server.a.example"}, "*.b.example")
+	good := newHost(t, dir, "good", []string{"good.b.example"}, "*.a.example")
+	bad := newHost(t, dir, "bad", []string{"bad.c.example", "x.y.b.example"})
+
+	ss, _ := mustDial(t, server.ServerConfig(alpn), good.ClientConfig("server", alpn))
+	if PeerName(ss) != "good" {
+		t.Errorf("peer %q", PeerName(ss))
+	}
+
+	s, c := dial(t, server.ServerConfig(alpn), bad.ClientConfig("server", alpn))
+	if !errors.Is(s.err, ErrPeerNotAllowed) {
+		t.Fatalf("server: %v, want ErrPeerNotAllowed", s.err)
+	}
+	t.Logf("server: %v", s.err)
+	if c.err == nil {
+		t.Error("client: handshake succeeded")
+	}
+
+	// The client applies its policy to the server too.
+	_, c = dial(t, bad.ServerConfig(alpn), good.ClientConfig("bad", alpn))
+	if !errors.Is(c.err, ErrPeerNotAllowed) {
+		t.Errorf("client: %v, want ErrPeerNotAllowed", c.err)
+	}
+}
+
+// replace issues name in dir and moves its files over target's.
+func replace(t *testing.T, dir, target, name string, sans []string) {
+	t.Helper()
+	if err := Issue(dir, name, sans); err != nil {
+		t.Fatal(err)
+	}
+	for _, ext := range []string{".key", ".crt"} {
+		if err := os.Rename(filepath.Join(dir, name+ext), filepath.Join(dir, target+ext)); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestRotation(t *testing.T) {
+	dir := newCA(t)
+	server := newHost(t, dir, "server", []string{"srv.example"})
+	client := newHost(t, dir, "client", nil)
+	server.interval, client.interval = 0, 0
+	srv := server.ServerConfig(alpn)
+	cli := client.ClientConfig("srv.example", alpn)
+	mustDial(t, srv, cli)
+	if _, cs := mustDial(t, srv, cli); !cs.DidResume {
+		t.Fatal("no resumption before rotation")
+	}
+
+	replace(t, dir, "server", "server2", []string{"srv.example"})
+	ss, cs := mustDial(t, srv, cli)
+	if cs.DidResume || PeerName(cs) != "server2" {
+		t.Errorf("after server rotation: resumed %v, client sees %q", cs.DidResume, PeerName(cs))
+	}
+	if _, cs := mustDial(t, srv, cli); !cs.DidResume {
+		t.Error("no resumption after server rotation")
+	}
+
+	replace(t, dir, "client", "client2", nil)
+	ss, cs = mustDial(t, srv, cli)
+	if cs.DidResume || PeerName(ss) != "client2" {
+		t.Errorf("after client rotation: resumed %v, server sees %q", cs.DidResume, PeerName(ss))
+	}
+	if server.Err() != nil || client.Err() != nil {
+		t.Errorf("Err: server %v, client %v", server.Err(), client.Err())
+	}
+}
+
+func TestReloadThrottled(t *testing.T) {
+	dir := newCA(t)
+	server := newHost(t, dir, "server", nil)
+	client := newHost(t, dir, "client", nil)
+	replace(t, dir, "server", "server2", []string{"server"})
+	// Within the interval the old certificate is still served.
+	_, cs := mustDial(t, server.ServerConfig(alpn), client.ClientConfig("server", alpn))
+	if PeerName(cs) != "server" {
+		t.Errorf("client sees %q before the reload interval passed", PeerName(cs))
+	}
+}
+
+func TestReloadFailureKeepsOld(t *testing.T) {
+	dir := newCA(t)
+	server := newHost(t, dir, "server", nil)
+	client := newHost(t, dir, "client", nil)
+	server.interval = 0
+	srv := server.ServerConfig(alpn)
+
+	keyPath := filepath.Join(dir, "server.key")
+	if err := os.WriteFile(keyPath, []byte("garbage"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, cs := mustDial(t, srv, client.ClientConfig("server", alpn))
+	if PeerName(cs) != "server" {
+		t.Errorf("client sees %q", PeerName(cs))
+	}
+	if server.Err() == nil {
+		t.Fatal("Err is nil after a broken reload")
+	}
+	t.Logf("Err: %v", server.Err())
+
+	os.Remove(keyPath)
+	replace(t, dir, "server", "server2", []string{"server"})
+	_, cs = mustDial(t, srv, client.ClientConfig("server", alpn))
+	if PeerName(cs) != "server2" || server.Err() != nil {
+		t.Errorf("after repair: client sees %q, Err %v", PeerName(cs), server.Err())
+	}
+}

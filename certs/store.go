@@ -1,0 +1,248 @@
+package certs
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
+	"encoding/pem"
+	"fmt"
+	"io/fs"
+	"os"
+	"slices"
+	"sync"
+	"time"
+)
+
+// reloadInterval is how often, at most, a Store looks at its files.
+const reloadInterval = time.Second
+
+// Config names the files a host uses.
+type Config struct {
+	// CertFile and KeyFile hold the host's PEM certificate and private key.
+	// They are reloaded when they change.
+	CertFile, KeyFile string
+
+	// CAFile holds the PEM certificates of the CAs whose certificates peers
+	// must present. It is read once, by Load.
+	CAFile string
+
+	// AllowedPeers lists peer names, matched case-insensitively against the
+	// peer certificate's common name and DNS SANs. An entry "*.suffix"
+	// matches any name made of one label followed by ".suffix". Empty: any
+	// peer with a certificate from the CA is accepted.
+	AllowedPeers []string
+}
+
+// Store holds a host's loaded certificate and CA, and builds the TLS
+// configurations that use them. It reloads the certificate and key when
+// their files change, checking at most once per second during handshakes;
+// if the new pair fails to load it keeps serving the old one and reports
+// the failure through Err. A Store is safe for concurrent use.
+type Store struct {
+	cfg      Config
+	pool     *x509.CertPool
+	cache    *sessionCache
+	interval time.Duration // minimum time between file checks
+
+	mu      sync.Mutex
+	cert    *tls.Certificate
+	gen     uint64 // incremented on every successful reload
+	stamps  [2]fs.FileInfo
+	checked time.Time
+	err     error
+}
+
+// Load reads the CA, certificate and key named by cfg. Its errors name the
+// file that failed and why.
+func Load(cfg Config) (*Store, error) {
+	switch {
+	case cfg.CertFile == "":
+		return nil, fmt.Errorf("%w: no certificate file", ErrInvalidConfig)
+	case cfg.KeyFile == "":
+		return nil, fmt.Errorf("%w: no key file", ErrInvalidConfig)
+	case cfg.CAFile == "":
+		return nil, fmt.Errorf("%w: no ca file", ErrInvalidConfig)
+	}
+	for _, p := range cfg.AllowedPeers {
+		if p == "" || p == "*." {
+			return nil, fmt.Errorf("%w: allowed peer %q", ErrInvalidConfig, p)
+		}
+	}
+	cfg.AllowedPeers = slices.Clone(cfg.AllowedPeers)
+
+	pool, err := loadPool(cfg.CAFile)
+	if err != nil {
+		return nil, err
+	}
+	stamps, err := statPair(cfg.CertFile, cfg.KeyFile)
+	if err != nil {
+		return nil, err
+	}
+	cert, err := loadPair(cfg.CertFile, cfg.KeyFile)
+	if err != nil {
+		return nil, err
+	}
+	s := &Store{
+		cfg:      cfg,
+		pool:     pool,
+		interval: reloadInterval,
+		cert:     cert,
+		stamps:   stamps,
+		checked:  time.Now(),
+	}
+	s.cache = &sessionCache{store: s, lru: tls.NewLRUClientSessionCache(256)}
+	return s, nil
+}
+
+// Err returns the error from the last attempt to reload the certificate,
+// or nil if it succeeded or none was needed.
+func (s *Store) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
+}
+
+// current returns the certificate to present and its generation,
+// reloading it first if the files changed and the check is due.
+func (s *Store) current() (*tls.Certificate, uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := time.Now()
+	if now.Sub(s.checked) < s.interval {
+		return s.cert, s.gen
+	}
+	s.checked = now
+	stamps, err := statPair(s.cfg.CertFile, s.cfg.KeyFile)
+	if err != nil {
+		s.err = fmt.Errorf("reload: %w", err)
+		return s.cert, s.gen
+	}
+	if sameFile(stamps[0], s.stamps[0]) && sameFile(stamps[1], s.stamps[1]) {
+		return s.cert, s.gen
+	}
+	// Remember the new stamps even if loading fails, so a broken pair is
+	// tried again only when the files change again.
+	s.stamps = stamps
+	cert, err := loadPair(s.cfg.CertFile, s.cfg.KeyFile)
+	if err != nil {
+		s.err = fmt.Errorf("reload: %w", err)
+		return s.cert, s.gen
+	}
+	s.cert, s.err = cert, nil
+	s.gen++
+	return s.cert, s.gen
+}
+
+// generation returns the current certificate generation, reloading first
+// if due.
+func (s *Store) generation() uint64 {
+	_, gen := s.current()
+	return gen
+}
+
+// loadPool reads a PEM bundle of CA certificates.
+func loadPool(path string) (*x509.CertPool, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("ca file: %w", err)
+	}
+	pool := x509.NewCertPool()
+	n := 0
+	for {
+		var block *pem.Block
+		block, data = pem.Decode(data)
+		if block == nil {
+			break
+		}
+		if block.Type != "CERTIFICATE" {
+			continue
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("ca file %s: %w", path, err)
+		}
+		pool.AddCert(c)
+		n++
+	}
+	if n == 0 {
+		return nil, fmt.Errorf("ca file %s: %w", path, ErrNoCertificate)
+	}
+	return pool, nil
+}
+
+// loadPair reads and checks a certificate and its key.
+func loadPair(certPath, keyPath string) (*tls.Certificate, error) {
+	certPEM, err := os.ReadFile(certPath)
+	if err != nil {
+		return nil, fmt.Errorf("certificate file: %w", err)
+	}
+	keyPEM, err := os.ReadFile(keyPath)
+	if err != nil {
+		return nil, fmt.Errorf("key file: %w", err)
+	}
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return nil, fmt.Errorf("certificate %s with key %s: %w", certPath, keyPath, err)
+	}
+	return &cert, nil
+}
+
+// statPair stats the certificate and key files.
+func statPair(certPath, keyPath string) ([2]fs.FileInfo, error) {
+	var st [2]fs.FileInfo
+	var err error
+	if st[0], err = os.Stat(certPath); err != nil {
+		return st, fmt.Errorf("certificate file: %w", err)
+	}
+	if st[1], err = os.Stat(keyPath); err != nil {
+		return st, fmt.Errorf("key file: %w", err)
+	}
+	return st, nil
+}
+
+// sameFile reports whether a and b describe the same, unmodified file.
+func sameFile(a, b fs.FileInfo) bool {
+	return a.Size() == b.Size() && a.ModTime().Equal(b.ModTime()) && os.SameFile(a, b)
+}
+
+// sessionCache is the Store's client session cache. Keys carry the
+// certificate generation, so sessions made with a certificate that has
+// since been rotated are not resumed.
+type sessionCache struct {
+	store *Store
+	lru   tls.ClientSessionCache
+}
+
+// Get implements tls.ClientSessionCache.
+func (c *sessionCache) Get(key string) (*tls.ClientSessionState, bool) {
+	return c.lru.Get(genKey(c.store.generation(), key))
+}
+
+// Put implements tls.ClientSessionCache.
+func (c *sessionCache) Put(key string, cs *tls.ClientSessionState) {
+	c.lru.Put(genKey(c.store.generation(), key), cs)
+}
+
+// genKey prefixes a cache key with a generation.
+func genKey(gen uint64, key string) string {
+	return fmt.Sprintf("%d/%s", gen, key)
+}
+
+// ticketTag is the prefix of the generation a server records in the
+// session tickets it issues.
+const ticketTag = "migtun-gen:"
+
+// genExtra encodes a generation for tls.SessionState.Extra.
+func genExtra(gen uint64) []byte {
+	return binary.BigEndian.AppendUint64([]byte(ticketTag), gen)
+}
+
+// extraGen finds the generation recorded in a session's Extra.
+func extraGen(extra [][]byte) (uint64, bool) {
+	for _, e := range extra {
+		if len(e) == len(ticketTag)+8 && string(e[:len(ticketTag)]) == ticketTag {
+			return binary.BigEndian.Uint64(e[len(ticketTag):]), true
+		}
+	}
+	return 0, false
+}

@@ -1,0 +1,136 @@
+package tunnel
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+)
+
+// Transport names how streams cross the network between peers.
+type Transport string
+
+const (
+	// TLS carries each stream as its own TLS 1.3 connection over TCP.
+	TLS Transport = "tls"
+	// QUIC carries each stream as a QUIC stream of one connection per peer.
+	QUIC Transport = "quic"
+	// Plain carries each stream as a TCP connection without encryption. The
+	// peer is still authenticated: a key agreed over TLS signs every header.
+	Plain Transport = "plain"
+)
+
+// ParseTransport parses "tls", "quic" or "plain".
+func ParseTransport(s string) (Transport, error) {
+	switch t := Transport(s); t {
+	case TLS, QUIC, Plain:
+		return t, nil
+	}
+	return "", fmt.Errorf("unknown transport %q (want tls, quic or plain)", s)
+}
+
+// Defaults of the Config durations.
+const (
+	DefaultHandshakeTimeout = 10 * time.Second
+	DefaultDialTimeout      = 5 * time.Second
+	DefaultReplyTimeout     = 15 * time.Second
+	DefaultIdleTimeout      = 30 * time.Second
+)
+
+// Config configures both ends of the transport. The zero value of each field
+// selects its default, except the TLS fields, which are required.
+type Config struct {
+	// Transport selects what Listen serves and what Dialer uses; default TLS.
+	Transport Transport
+	// ServerTLS authenticates this host to peers and peers to it (mutual TLS).
+	// Its NextProtos are replaced by ALPN. Required for every transport:
+	// plain uses it to agree on the keys that authenticate its streams.
+	ServerTLS *tls.Config
+	// ClientTLS returns the TLS configuration used to reach the peer whose
+	// host (name or IP, without port) is serverName. Required.
+	ClientTLS func(serverName string) *tls.Config
+	// AllowPlaintext must be true to serve or dial the Plain transport.
+	AllowPlaintext bool
+	// HandshakeTimeout bounds the TLS or QUIC handshake plus the header read
+	// of an incoming stream.
+	HandshakeTimeout time.Duration
+	// DialTimeout bounds connecting to a peer (a dropped SYN fails in this time).
+	DialTimeout time.Duration
+	// ReplyTimeout bounds waiting for the peer to accept or refuse a stream,
+	// which includes the peer's own local connect.
+	ReplyTimeout time.Duration
+	// IdleTimeout is how long a QUIC connection may go without hearing from
+	// the peer before it is declared dead; keepalives are sent at a third of it.
+	IdleTimeout time.Duration
+	// Logger receives one line per refused stream; nil discards.
+	Logger *slog.Logger
+	// OnRefused, when set, is called once for every incoming stream refused by
+	// this package (malformed, timed out, unauthorized) before the owner sees it.
+	OnRefused func(Reason)
+}
+
+// ErrNoTLS is returned when a Config lacks its TLS settings.
+var ErrNoTLS = errors.New("tunnel: ServerTLS and ClientTLS are required")
+
+// withDefaults returns a copy of c with every zero field set to its default,
+// or an error if c cannot work.
+func (c *Config) withDefaults() (*Config, error) {
+	var out Config
+	if c != nil {
+		out = *c
+	}
+	if out.Transport == "" {
+		out.Transport = TLS
+	}
+	if _, err := ParseTransport(string(out.Transport)); err != nil {
+		return nil, err
+	}
+	if out.Transport == Plain && !out.AllowPlaintext {
+		return nil, errors.New("tunnel: the plain transport needs AllowPlaintext (--insecure-plaintext)")
+	}
+	if out.ServerTLS == nil || out.ClientTLS == nil {
+		return nil, ErrNoTLS
+	}
+	if out.HandshakeTimeout <= 0 {
+		out.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	if out.DialTimeout <= 0 {
+		out.DialTimeout = DefaultDialTimeout
+	}
+	if out.ReplyTimeout <= 0 {
+		out.ReplyTimeout = DefaultReplyTimeout
+	}
+	if out.IdleTimeout <= 0 {
+		out.IdleTimeout = DefaultIdleTimeout
+	}
+	if out.Logger == nil {
+		out.Logger = slog.New(slog.DiscardHandler)
+	}
+	if out.OnRefused == nil {
+		out.OnRefused = func(Reason) {}
+	}
+	return &out, nil
+}
+
+// serverTLS returns the server TLS configuration with migtun's ALPN and
+// TLS 1.3 as the only version.
+func (c *Config) serverTLS() *tls.Config {
+	t := c.ServerTLS.Clone()
+	t.NextProtos = []string{ALPN}
+	t.MinVersion = tls.VersionTLS13
+	t.MaxVersion = tls.VersionTLS13
+	return t
+}
+
+func (c *Config) clientTLS(serverName string) *tls.Config {
+	t := c.ClientTLS(serverName)
+	if t == nil {
+		return nil
+	}
+	t = t.Clone()
+	t.NextProtos = []string{ALPN}
+	t.MinVersion = tls.VersionTLS13
+	t.MaxVersion = tls.VersionTLS13
+	return t
+}

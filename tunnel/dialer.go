@@ -1,0 +1,373 @@
+package tunnel
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+)
+
+// Dialer opens streams to peers. It keeps one QUIC connection per peer and,
+// for plain streams, the key agreed with each peer. It is safe for
+// concurrent use.
+type Dialer struct {
+	cfg *Config
+
+	mu        sync.Mutex
+	quicConns map[string]*quicPeer
+	plainKeys map[string]*clientKey
+	udp       *quic.Transport
+	closed    bool
+}
+
+// quicPeer is the QUIC connection to one peer, or the dial that makes it.
+type quicPeer struct {
+	ready chan struct{} // closed when conn or err is set
+	conn  *quic.Conn
+	err   error
+}
+
+// NewDialer returns a Dialer for cfg.
+func NewDialer(cfg *Config) (*Dialer, error) {
+	c, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	return &Dialer{cfg: c, quicConns: make(map[string]*quicPeer), plainKeys: make(map[string]*clientKey)}, nil
+}
+
+// ErrDialerClosed is returned by Open after Close.
+var ErrDialerClosed = errors.New("tunnel: dialer closed")
+
+// Open opens a stream to the peer at addr ("host:port"), sends h, and waits
+// for the peer to accept it. A refusal is returned as a *RefusedError.
+func (d *Dialer) Open(ctx context.Context, addr string, h Header) (Stream, error) {
+	if h.Kind != KindData && h.Kind != KindControl {
+		return nil, fmt.Errorf("tunnel: cannot open a %s stream", h.Kind)
+	}
+	wire, err := h.AppendBinary(make([]byte, 0, MaxHeaderLen))
+	if err != nil {
+		return nil, err
+	}
+	switch d.cfg.Transport {
+	case QUIC:
+		return d.openQUIC(ctx, addr, wire)
+	case Plain:
+		s, err := d.openPlain(ctx, addr, wire)
+		if errors.Is(err, &RefusedError{Reason: ReasonUnauthorized}) {
+			// The peer may have restarted and forgotten our key: agree on a
+			// new one and try once more.
+			d.forgetPlainKey(addr)
+			s, err = d.openPlain(ctx, addr, wire)
+		}
+		return s, err
+	default:
+		return d.openTLS(ctx, addr, wire)
+	}
+}
+
+// Close closes the QUIC connections. Streams already open are aborted with
+// their connection.
+func (d *Dialer) Close() error {
+	d.mu.Lock()
+	d.closed = true
+	peers := d.quicConns
+	d.quicConns = map[string]*quicPeer{}
+	udp := d.udp
+	d.mu.Unlock()
+	for _, p := range peers {
+		<-p.ready
+		if p.conn != nil {
+			p.conn.CloseWithError(0, "closing")
+		}
+	}
+	if udp != nil {
+		return udp.Close()
+	}
+	return nil
+}
+
+func (d *Dialer) dialTCP(ctx context.Context, addr string) (*net.TCPConn, error) {
+	nd := net.Dialer{Timeout: d.cfg.DialTimeout, KeepAlive: 15 * time.Second}
+	c, err := nd.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("dialing peer %s: %w", addr, err)
+	}
+	return c.(*net.TCPConn), nil
+}
+
+// handshake runs a client TLS handshake on c under the handshake timeout.
+func (d *Dialer) handshake(ctx context.Context, c net.Conn, addr string) (*tls.Conn, error) {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	tc := tls.Client(c, d.cfg.clientTLS(host))
+	hctx, cancel := context.WithTimeout(ctx, d.cfg.HandshakeTimeout)
+	defer cancel()
+	if err := tc.HandshakeContext(hctx); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("tls handshake with %s: %w", addr, err)
+	}
+	if p := tc.ConnectionState().NegotiatedProtocol; p != ALPN {
+		c.Close()
+		return nil, fmt.Errorf("tls handshake with %s: peer speaks %q, want %q", addr, p, ALPN)
+	}
+	return tc, nil
+}
+
+// exchange writes a header on s and reads the reply under the reply timeout.
+func (d *Dialer) exchange(ctx context.Context, s Stream, wire []byte) (reply, error) {
+	deadline := time.Now().Add(d.cfg.ReplyTimeout)
+	if dl, ok := ctx.Deadline(); ok && dl.Before(deadline) {
+		deadline = dl
+	}
+	_ = s.SetDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { _ = s.SetDeadline(time.Now()) })
+	defer stop()
+	if _, err := s.Write(wire); err != nil {
+		return reply{}, fmt.Errorf("sending header: %w", err)
+	}
+	r, err := readReply(s)
+	if err != nil {
+		return reply{}, err
+	}
+	if err := r.err(); err != nil {
+		return r, err
+	}
+	if !stop() {
+		return reply{}, ctx.Err()
+	}
+	_ = s.SetDeadline(time.Time{})
+	return r, nil
+}
+
+func (d *Dialer) openTLS(ctx context.Context, addr string, wire []byte) (Stream, error) {
+	c, err := d.dialTCP(ctx, addr)
+	if err != nil {
+		return nil, err
+	}
+	tc, err := d.handshake(ctx, c, addr)
+	if err != nil {
+		return nil, err
+	}
+	s := &tlsStream{Conn: tc}
+	if _, err := d.exchange(ctx, s, wire); err != nil {
+		s.Abort()
+		return nil, err
+	}
+	return s, nil
+}
+
+func (d *Dialer) openPlain(ctx context.Context, addr string, wire []byte) (Stream, error) {
+	key, err := d.plainKey(ctx, addr)
+	if err != nil {
+		return nil, err
+	}
+	c, err := d.dialTCP(ctx, addr)
+	if err != nil {
+		return nil, err
+	}
+	s := &plainStream{TCPConn: c}
+	signed := append([]byte(nil), wire...)
+	mac := key.sign(signed)
+	r, err := d.exchange(ctx, s, signed)
+	if err != nil {
+		s.Abort()
+		return nil, err
+	}
+	if !hmac.Equal(r.payload, acceptMAC(key.key, mac)) {
+		s.Abort()
+		return nil, &RefusedError{Reason: ReasonUnauthorized, Detail: "peer did not prove it holds the plain key"}
+	}
+	return s, nil
+}
+
+// plainKey returns the key agreed with the peer at addr, agreeing on one
+// over TLS first if there is none.
+func (d *Dialer) plainKey(ctx context.Context, addr string) (*clientKey, error) {
+	d.mu.Lock()
+	k := d.plainKeys[addr]
+	d.mu.Unlock()
+	if k != nil {
+		return k, nil
+	}
+	c, err := d.dialTCP(ctx, addr)
+	if err != nil {
+		return nil, err
+	}
+	tc, err := d.handshake(ctx, c, addr)
+	if err != nil {
+		return nil, err
+	}
+	s := &tlsStream{Conn: tc}
+	defer s.Close()
+	h := Header{Kind: KindPlainKey, Channel: "plain-key"}
+	wire, _ := h.AppendBinary(nil)
+	r, err := d.exchange(ctx, s, wire)
+	if err != nil {
+		return nil, fmt.Errorf("agreeing on a plain key with %s: %w", addr, err)
+	}
+	if len(r.payload) != keyIDLen {
+		return nil, fmt.Errorf("agreeing on a plain key with %s: key ID of %d bytes", addr, len(r.payload))
+	}
+	k = &clientKey{id: plainKeyID(r.payload)}
+	if k.key, err = exportPlainKey(tc.ConnectionState(), k.id); err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	d.plainKeys[addr] = k
+	d.mu.Unlock()
+	return k, nil
+}
+
+func (d *Dialer) forgetPlainKey(addr string) {
+	d.mu.Lock()
+	delete(d.plainKeys, addr)
+	d.mu.Unlock()
+}
+
+func (d *Dialer) openQUIC(ctx context.Context, addr string, wire []byte) (Stream, error) {
+	for attempt := 0; ; attempt++ {
+		conn, err := d.quicConn(ctx, addr)
+		if err != nil {
+			return nil, err
+		}
+		octx, cancel := context.WithTimeout(ctx, d.cfg.ReplyTimeout)
+		qs, err := conn.OpenStreamSync(octx)
+		cancel()
+		if err != nil {
+			d.dropQUIC(addr, conn)
+			if attempt == 0 && conn.Context().Err() != nil {
+				continue // the connection had died: dial a new one
+			}
+			return nil, fmt.Errorf("opening quic stream to %s: %w", addr, err)
+		}
+		s := &quicStream{Stream: qs, conn: conn}
+		if _, err := d.exchange(ctx, s, wire); err != nil {
+			s.Abort()
+			if attempt == 0 && conn.Context().Err() != nil {
+				d.dropQUIC(addr, conn)
+				continue
+			}
+			return nil, err
+		}
+		return s, nil
+	}
+}
+
+// quicConn returns the live QUIC connection to addr, dialing one if needed.
+// Concurrent callers share one dial.
+func (d *Dialer) quicConn(ctx context.Context, addr string) (*quic.Conn, error) {
+	for {
+		d.mu.Lock()
+		if d.closed {
+			d.mu.Unlock()
+			return nil, ErrDialerClosed
+		}
+		p := d.quicConns[addr]
+		if p == nil {
+			return d.newQUICConn(ctx, addr) // unlocks d.mu
+		}
+		d.mu.Unlock()
+		select {
+		case <-p.ready:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		if p.err != nil {
+			return nil, p.err
+		}
+		if p.conn.Context().Err() == nil {
+			return p.conn, nil
+		}
+		d.dropQUIC(addr, p.conn)
+	}
+}
+
+// newQUICConn dials addr and records the connection. It is called with d.mu
+// held and releases it.
+func (d *Dialer) newQUICConn(ctx context.Context, addr string) (*quic.Conn, error) {
+	if d.udp == nil {
+		udp, err := net.ListenUDP("udp", nil)
+		if err != nil {
+			d.mu.Unlock()
+			return nil, fmt.Errorf("opening udp socket: %w", err)
+		}
+		d.udp = &quic.Transport{Conn: udp}
+	}
+	tr := d.udp
+	p := &quicPeer{ready: make(chan struct{})}
+	d.quicConns[addr] = p
+	d.mu.Unlock()
+
+	p.conn, p.err = d.dialQUIC(ctx, tr, addr)
+	close(p.ready)
+	if p.err != nil {
+		d.mu.Lock()
+		if d.quicConns[addr] == p {
+			delete(d.quicConns, addr)
+		}
+		d.mu.Unlock()
+		return nil, p.err
+	}
+	return p.conn, nil
+}
+
+func (d *Dialer) dialQUIC(ctx context.Context, tr *quic.Transport, addr string) (*quic.Conn, error) {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	udpAddr, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("resolving %s: %w", addr, err)
+	}
+	dctx, cancel := context.WithTimeout(ctx, d.cfg.DialTimeout+d.cfg.HandshakeTimeout)
+	defer cancel()
+	conn, err := tr.Dial(dctx, udpAddr, d.cfg.clientTLS(host), quicConfig(d.cfg))
+	if err != nil {
+		return nil, fmt.Errorf("quic handshake with %s: %w", addr, err)
+	}
+	return conn, nil
+}
+
+// dropQUIC forgets the connection to addr if it is conn, so the next Open
+// dials again.
+func (d *Dialer) dropQUIC(addr string, conn *quic.Conn) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	p := d.quicConns[addr]
+	if p == nil {
+		return
+	}
+	select {
+	case <-p.ready:
+		if p.conn == conn {
+			delete(d.quicConns, addr)
+		}
+	default:
+	}
+}
+
+// quicConfig sizes QUIC for bulk transfer: large flow-control windows so one
+// stream can fill a fast link, keepalives so a dead peer is noticed.
+func quicConfig(c *Config) *quic.Config {
+	return &quic.Config{
+		HandshakeIdleTimeout:           c.HandshakeTimeout,
+		MaxIdleTimeout:                 c.IdleTimeout,
+		KeepAlivePeriod:                c.IdleTimeout / 3,
+		InitialStreamReceiveWindow:     4 << 20,
+		MaxStreamReceiveWindow:         64 << 20,
+		InitialConnectionReceiveWindow: 8 << 20,
+		MaxConnectionReceiveWindow:     256 << 20,
+		MaxIncomingStreams:             4096,
+	}
+}

@@ -1,0 +1,389 @@
+package tunnel
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+)
+
+// Incoming is a stream whose header has been read and checked, waiting for
+// its owner to accept or refuse it. Exactly one of Accept and Refuse must be
+// called.
+type Incoming struct {
+	// Header is the stream's header.
+	Header Header
+	// Peer is the authenticated name of the peer (its certificate's common
+	// name, or for plain streams the name bound to the key it used).
+	Peer string
+	// Transport is the transport the stream arrived on.
+	Transport Transport
+
+	s        Stream
+	payload  []byte // accept reply payload
+	answered bool
+}
+
+// RemoteAddr returns the network address of the peer.
+func (in *Incoming) RemoteAddr() net.Addr { return in.s.RemoteAddr() }
+
+// Accept tells the peer the stream is accepted and returns it for use.
+func (in *Incoming) Accept() (Stream, error) {
+	if in.answered {
+		return nil, errors.New("tunnel: stream already answered")
+	}
+	in.answered = true
+	b := reply{reason: ReasonOK, payload: in.payload}.appendBinary(make([]byte, 0, MaxReplyLen))
+	if _, err := in.s.Write(b); err != nil {
+		in.s.Abort()
+		return nil, fmt.Errorf("accepting stream: %w", err)
+	}
+	if err := in.s.SetDeadline(time.Time{}); err != nil {
+		in.s.Abort()
+		return nil, fmt.Errorf("accepting stream: %w", err)
+	}
+	return in.s, nil
+}
+
+// Refuse tells the peer why the stream is refused and closes it. The reason
+// is taken from err when it is a *RefusedError, else ReasonInternal with
+// err's text.
+func (in *Incoming) Refuse(err error) {
+	if in.answered {
+		return
+	}
+	in.answered = true
+	refuse(in.s, err)
+}
+
+// refuse writes a refusal reply and closes s.
+func refuse(s Stream, err error) {
+	var re *RefusedError
+	if !errors.As(err, &re) {
+		re = &RefusedError{Reason: ReasonInternal, Detail: err.Error()}
+	}
+	b := reply{reason: re.Reason, payload: []byte(re.Detail)}.appendBinary(make([]byte, 0, MaxReplyLen))
+	_ = s.SetWriteDeadline(time.Now().Add(time.Second))
+	if _, werr := s.Write(b); werr == nil {
+		_ = s.CloseWrite()
+	}
+	s.Close()
+}
+
+// Listener serves the one port of a host: TCP for the tls and plain
+// transports, UDP for quic.
+type Listener struct {
+	cfg  *Config
+	tls  *tls.Config // built once, so session tickets resume across streams
+	tcp  net.Listener
+	quic *quic.Listener
+	udp  net.PacketConn
+	keys serverKeys
+
+	incoming chan *Incoming
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+	once     sync.Once
+}
+
+// Listen starts serving addr ("host:port") with the transport of cfg.
+func Listen(addr string, cfg *Config) (*Listener, error) {
+	c, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	l := &Listener{cfg: c, tls: c.serverTLS(), incoming: make(chan *Incoming), ctx: ctx, cancel: cancel}
+	switch c.Transport {
+	case QUIC:
+		udp, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			cancel()
+			return nil, fmt.Errorf("listening on udp %s: %w", addr, err)
+		}
+		ql, err := quic.Listen(udp, l.tls, quicConfig(c))
+		if err != nil {
+			udp.Close()
+			cancel()
+			return nil, fmt.Errorf("listening on quic %s: %w", addr, err)
+		}
+		l.udp, l.quic = udp, ql
+		l.wg.Add(1)
+		go l.acceptQUIC()
+	default:
+		tcp, err := net.Listen("tcp", addr)
+		if err != nil {
+			cancel()
+			return nil, fmt.Errorf("listening on tcp %s: %w", addr, err)
+		}
+		l.tcp = tcp
+		l.wg.Add(1)
+		go l.acceptTCP()
+	}
+	return l, nil
+}
+
+// Addr returns the address the listener serves.
+func (l *Listener) Addr() net.Addr {
+	if l.tcp != nil {
+		return l.tcp.Addr()
+	}
+	return l.udp.LocalAddr()
+}
+
+// Accept waits for the next incoming stream.
+func (l *Listener) Accept(ctx context.Context) (*Incoming, error) {
+	select {
+	case in := <-l.incoming:
+		return in, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-l.ctx.Done():
+		return nil, net.ErrClosed
+	}
+}
+
+// Close stops accepting, closes streams still in their handshake and every
+// QUIC connection, and waits for the listener's goroutines. Streams already
+// handed out by Accept are their owners' to close. Close may be called more
+// than once.
+func (l *Listener) Close() error {
+	var err error
+	l.once.Do(func() {
+		l.cancel()
+		if l.tcp != nil {
+			err = l.tcp.Close()
+		}
+		if l.quic != nil {
+			err = l.quic.Close()
+			l.udp.Close()
+		}
+	})
+	l.wg.Wait()
+	return err
+}
+
+func (l *Listener) logRefused(remote net.Addr, err error) {
+	r := ReasonOf(err)
+	l.cfg.OnRefused(r)
+	l.cfg.Logger.Warn("stream refused", slog.String("remote", remote.String()),
+		slog.String("reason", r.String()), slog.String("err", err.Error()))
+}
+
+// deliver hands in to Accept, or closes it if the listener is closing.
+func (l *Listener) deliver(in *Incoming) {
+	// The owner answers after its own local connect, bounded by DialTimeout;
+	// the deadline stays until it does.
+	_ = in.s.SetDeadline(time.Now().Add(l.cfg.ReplyTimeout))
+	select {
+	case l.incoming <- in:
+	case <-l.ctx.Done():
+		refuse(in.s, &RefusedError{Reason: ReasonShuttingDown})
+	}
+}
+
+func (l *Listener) acceptTCP() {
+	defer l.wg.Done()
+	var backoff time.Duration
+	for {
+		c, err := l.tcp.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) || l.ctx.Err() != nil {
+				return
+			}
+			// Out of descriptors or similar: wait and go on.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			l.cfg.Logger.Error("accept failed", slog.String("err", err.Error()))
+			select {
+			case <-time.After(backoff):
+			case <-l.ctx.Done():
+				return
+			}
+			continue
+		}
+		backoff = 0
+		l.wg.Add(1)
+		go l.handshakeTCP(c.(*net.TCPConn))
+	}
+}
+
+// tlsRecordHandshake is the first byte of a TLS ClientHello.
+const tlsRecordHandshake = 0x16
+
+// handshakeTCP authenticates one TCP connection and reads its header.
+func (l *Listener) handshakeTCP(c *net.TCPConn) {
+	defer l.wg.Done()
+	stop := context.AfterFunc(l.ctx, func() { c.Close() })
+	defer stop()
+	_ = c.SetDeadline(time.Now().Add(l.cfg.HandshakeTimeout))
+	var first [1]byte
+	if _, err := io.ReadFull(c, first[:]); err != nil {
+		l.logRefused(c.RemoteAddr(), &RefusedError{Reason: ReasonMalformed, Detail: "no header: " + err.Error()})
+		c.Close()
+		return
+	}
+	pc := &peekedConn{TCPConn: c, first: first[:]}
+	var in *Incoming
+	var err error
+	if first[0] == tlsRecordHandshake {
+		in, err = l.handshakeTLS(pc)
+	} else {
+		in, err = l.readPlain(pc)
+	}
+	if err != nil {
+		l.logRefused(c.RemoteAddr(), err)
+		return
+	}
+	if in == nil { // handled here (plain key exchange)
+		return
+	}
+	if !stop() {
+		c.Close()
+		return
+	}
+	l.deliver(in)
+}
+
+// handshakeTLS runs the TLS handshake and reads the header. It returns
+// (nil, nil) for a stream it served itself.
+func (l *Listener) handshakeTLS(pc *peekedConn) (*Incoming, error) {
+	tc := tls.Server(pc, l.tls)
+	s := &tlsStream{Conn: tc}
+	if err := tc.HandshakeContext(l.ctx); err != nil {
+		pc.Close()
+		return nil, &RefusedError{Reason: ReasonHandshake, Detail: err.Error()}
+	}
+	cs := tc.ConnectionState()
+	peer := peerName(cs)
+	var buf [MaxHeaderLen]byte
+	h, _, err := readHeader(tc, &buf)
+	if err != nil {
+		refuse(s, err)
+		return nil, err
+	}
+	if h.Kind == KindPlainKey {
+		if !l.cfg.AllowPlaintext {
+			err := &RefusedError{Reason: ReasonPlainDisabled, Detail: "this port does not allow plaintext"}
+			refuse(s, err)
+			return nil, err
+		}
+		id, err := l.keys.issue(cs, peer)
+		if err != nil {
+			refuse(s, err)
+			return nil, err
+		}
+		in := &Incoming{s: s, payload: id[:]}
+		if _, err := in.Accept(); err == nil {
+			s.Close()
+		}
+		return nil, nil
+	}
+	return &Incoming{Header: h, Peer: peer, Transport: TLS, s: s}, nil
+}
+
+// readPlain reads and authenticates a plain stream's header.
+func (l *Listener) readPlain(pc *peekedConn) (*Incoming, error) {
+	s := &plainStream{TCPConn: pc.TCPConn}
+	if !l.cfg.AllowPlaintext {
+		err := &RefusedError{Reason: ReasonPlainDisabled, Detail: "this port does not allow plaintext"}
+		refuse(s, err)
+		return nil, err
+	}
+	var buf [MaxHeaderLen]byte
+	h, wire, err := readHeader(io.MultiReader(bytes.NewReader(pc.first), pc.TCPConn), &buf)
+	if err != nil {
+		refuse(s, err)
+		return nil, err
+	}
+	peer, mac, err := l.keys.verify(wire)
+	if err != nil {
+		refuse(s, err)
+		return nil, err
+	}
+	return &Incoming{Header: h, Peer: peer, Transport: Plain, s: s, payload: mac}, nil
+}
+
+func (l *Listener) acceptQUIC() {
+	defer l.wg.Done()
+	for {
+		conn, err := l.quic.Accept(l.ctx)
+		if err != nil {
+			return // closed
+		}
+		l.wg.Add(1)
+		go l.serveQUICConn(conn)
+	}
+}
+
+// serveQUICConn accepts the streams of one peer connection.
+func (l *Listener) serveQUICConn(conn *quic.Conn) {
+	defer l.wg.Done()
+	peer := peerName(conn.ConnectionState().TLS)
+	for {
+		qs, err := conn.AcceptStream(l.ctx)
+		if err != nil {
+			conn.CloseWithError(0, "")
+			return
+		}
+		l.wg.Add(1)
+		go l.readQUICStream(&quicStream{Stream: qs, conn: conn}, peer)
+	}
+}
+
+func (l *Listener) readQUICStream(s *quicStream, peer string) {
+	defer l.wg.Done()
+	_ = s.SetDeadline(time.Now().Add(l.cfg.HandshakeTimeout))
+	var buf [MaxHeaderLen]byte
+	h, _, err := readHeader(s, &buf)
+	if err == nil && h.Kind == KindPlainKey {
+		err = &RefusedError{Reason: ReasonUnknownKind, Detail: "plain keys are issued over tls"}
+	}
+	if err != nil {
+		refuse(s, err)
+		l.logRefused(s.RemoteAddr(), err)
+		return
+	}
+	l.deliver(&Incoming{Header: h, Peer: peer, Transport: QUIC, s: s})
+}
+
+// peerName returns the verified peer certificate's common name, or its first
+// DNS name when the common name is empty.
+func peerName(cs tls.ConnectionState) string {
+	if len(cs.PeerCertificates) == 0 {
+		return ""
+	}
+	c := cs.PeerCertificates[0]
+	if c.Subject.CommonName != "" {
+		return c.Subject.CommonName
+	}
+	if len(c.DNSNames) > 0 {
+		return c.DNSNames[0]
+	}
+	return ""
+}
+
+// peekedConn is a TCP connection whose first byte was read to tell TLS from
+// plain; Read returns that byte first.
+type peekedConn struct {
+	*net.TCPConn
+	first []byte
+}
+
+func (c *peekedConn) Read(b []byte) (int, error) {
+	if len(c.first) > 0 {
+		n := copy(b, c.first)
+		c.first = c.first[n:]
+		return n, nil
+	}
+	return c.TCPConn.Read(b)
+}
+
