@@ -386,4 +386,3 @@ func (c *peekedConn) Read(b []byte) (int, error) {
 	}
 	return c.TCPConn.Read(b)
 }
-

@@ -203,7 +203,7 @@ func testGarbage(t *testing.T, tr Transport) {
 		[]byte("GET / HTTP/1.1\r\n\r\n"),
 		bytes.Repeat([]byte{0xff}, 4096),
 		append([]byte("MGTN\x01\x01\x00\x04"), make([]byte, 200)...), // plain header without a valid MAC
-		{0x16, 3, 1, 0, 5, 1, 2, 3, 4, 5},                             // broken ClientHello
+		{0x16, 3, 1, 0, 5, 1, 2, 3, 4, 5},                            // broken ClientHello
 	}
 	for _, j := range junk {
 		c, err := net.Dial(network, p.addr)
