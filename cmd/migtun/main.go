@@ -1,0 +1,130 @@
+// Command migtun carries live migrations of QEMU virtual machines between
+// hosts through one encrypted port.
+//
+//	migtun certs init  --dir DIR
+//	migtun certs issue --dir DIR --name NAME [--san HOST_OR_IP]...
+//	migtun serve --listen HOST:PORT --transport tls|quic|plain --cert FILE --key FILE --ca FILE
+//	             [--route CHANNEL=unix:PATH|tcp:HOST:PORT]...
+//	             [--forward unix:PATH|tcp:HOST:PORT=PEERHOST:PORT/CHANNEL]...
+//	             [--insecure-plaintext]
+//	migtun version
+//
+// Run "migtun COMMAND --help" for the flags of a command.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"runtime/debug"
+	"strings"
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = ""
+
+func main() {
+	err := run(os.Args[1:], os.Stdout, os.Stderr)
+	if err == nil {
+		return
+	}
+	if !errors.Is(err, flag.ErrHelp) && !errors.Is(err, errReported) {
+		fmt.Fprintln(os.Stderr, "migtun:", err)
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0) //nolint:forbidigo // the one exit point
+	}
+	os.Exit(1) //nolint:forbidigo // the one exit point
+}
+
+// errReported is returned when the error was already printed (by the flag
+// package, with the usage text).
+var errReported = errors.New("reported")
+
+const usage = `migtun carries live migrations of QEMU virtual machines between hosts
+through one encrypted port.
+
+Usage:
+  migtun certs init  --dir DIR                  create a certificate authority
+  migtun certs issue --dir DIR --name NAME ...  issue a host certificate
+  migtun serve ...                              run the sidecar
+  migtun version                                print the version
+
+Run "migtun COMMAND --help" for the flags of a command.
+`
+
+// run executes the command line args and returns its error.
+func run(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return errors.New("no command given")
+	}
+	switch args[0] {
+	case "certs":
+		return runCerts(args[1:], stdout, stderr)
+	case "serve":
+		return runServe(args[1:], stdout, stderr)
+	case "version", "--version", "-version":
+		fmt.Fprintln(stdout, "migtun", versionString())
+		return nil
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	fmt.Fprint(stderr, usage)
+	return fmt.Errorf("unknown command %q", args[0])
+}
+
+func versionString() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return "dev"
+}
+
+// newFlagSet returns a flag set that reports errors instead of exiting and
+// prints its usage to stderr.
+func newFlagSet(name, synopsis string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage: migtun %s\n\nFlags:\n", synopsis)
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+// parse parses args and refuses positional arguments that are left over.
+func parse(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return errReported
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%s: unexpected argument %q (flags are written --name value)", fs.Name(), fs.Arg(0))
+	}
+	return nil
+}
+
+// listFlag is a repeatable string flag.
+type listFlag []string
+
+func (l *listFlag) String() string     { return strings.Join(*l, ",") }
+func (l *listFlag) Set(s string) error { *l = append(*l, s); return nil }
+
+// required returns an error naming the first of the flags whose value is empty.
+func required(cmd string, flags map[string]string, order ...string) error {
+	for _, name := range order {
+		if flags[name] == "" {
+			return fmt.Errorf("%s: --%s is required", cmd, name)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,134 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/migtun/migtun/certs"
+	"github.com/migtun/migtun/proxy"
+	"github.com/migtun/migtun/tunnel"
+)
+
+const serveSynopsis = `serve --listen HOST:PORT --transport tls|quic|plain --cert FILE --key FILE --ca FILE
+              [--route CHANNEL=unix:PATH|tcp:HOST:PORT]...
+              [--forward unix:PATH|tcp:HOST:PORT=PEERHOST:PORT/CHANNEL]...
+              [--insecure-plaintext]`
+
+func runServe(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("serve", serveSynopsis, stderr)
+	listen := fs.String("listen", "", "host:port of the tunnel port (TCP for tls and plain, UDP for quic)")
+	transport := fs.String("transport", "tls", "how streams cross to peers: tls, quic or plain")
+	certFile := fs.String("cert", "", "this host's certificate (PEM)")
+	keyFile := fs.String("key", "", "this host's private key (PEM)")
+	caFile := fs.String("ca", "", "the CA certificate peers must be signed by (PEM)")
+	var routes []proxy.Route
+	fs.Func("route", "deliver incoming streams of CHANNEL to a local socket: CHANNEL=unix:PATH or CHANNEL=tcp:HOST:PORT (repeatable)", func(s string) error {
+		r, err := proxy.ParseRoute(s)
+		routes = append(routes, r)
+		return err
+	})
+	var forwards []proxy.Forward
+	fs.Func("forward", "listen locally and carry each connection to a peer's channel: unix:PATH=PEERHOST:PORT/CHANNEL or tcp:HOST:PORT=PEERHOST:PORT/CHANNEL (repeatable)", func(s string) error {
+		f, err := proxy.ParseForward(s)
+		forwards = append(forwards, f)
+		return err
+	})
+	var allowPeers listFlag
+	fs.Var(&allowPeers, "allow-peer", "accept only peers whose certificate names this (\"*.suffix\" allowed; repeatable; default: any peer with a certificate from the CA)")
+	plaintext := fs.Bool("insecure-plaintext", false, "allow the plain transport: stream bytes cross the network unencrypted (peers are still authenticated)")
+	dialTimeout := fs.Duration("dial-timeout", tunnel.DefaultDialTimeout, "bound on connecting to a peer or to a local route")
+	handshakeTimeout := fs.Duration("handshake-timeout", tunnel.DefaultHandshakeTimeout, "bound on an incoming stream's handshake and header")
+	idleTimeout := fs.Duration("idle-timeout", tunnel.DefaultIdleTimeout, "a QUIC peer silent this long is declared dead")
+	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long streams in flight may go on before they are aborted")
+	logFormat := fs.String("log-format", "text", "log format: text or json")
+	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	if err := required("serve", map[string]string{"listen": *listen, "cert": *certFile, "key": *keyFile, "ca": *caFile},
+		"listen", "cert", "key", "ca"); err != nil {
+		return err
+	}
+	tr, err := tunnel.ParseTransport(*transport)
+	if err != nil {
+		return fmt.Errorf("serve: --transport: %w", err)
+	}
+	if tr == tunnel.Plain && !*plaintext {
+		return errors.New("serve: --transport plain sends migration bytes unencrypted; add --insecure-plaintext to say that is intended")
+	}
+	log, err := newLogger(stderr, *logFormat, *logLevel)
+	if err != nil {
+		return err
+	}
+	store, err := certs.Load(certs.Config{CertFile: *certFile, KeyFile: *keyFile, CAFile: *caFile, AllowedPeers: allowPeers})
+	if err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
+	alpn := []string{tunnel.ALPN}
+	srv, err := proxy.New(proxy.Config{
+		Listen: *listen,
+		Tunnel: &tunnel.Config{
+			Transport:        tr,
+			ServerTLS:        store.ServerConfig(alpn),
+			ClientTLS:        func(host string) *tls.Config { return store.ClientConfig(host, alpn) },
+			AllowPlaintext:   *plaintext,
+			HandshakeTimeout: *handshakeTimeout,
+			DialTimeout:      *dialTimeout,
+			IdleTimeout:      *idleTimeout,
+		},
+		Routes:      routes,
+		Forwards:    forwards,
+		DialTimeout: *dialTimeout,
+		Logger:      log,
+	})
+	if err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := srv.Start(); err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
+	if *plaintext {
+		log.Warn("plaintext allowed: migration bytes of plain streams cross the network unencrypted")
+	}
+	var fwd []string
+	for _, f := range forwards {
+		fwd = append(fwd, f.String())
+	}
+	fmt.Fprintf(stdout, "migtun ready: listening on %s (%s); %d routes; forwards: [%s]\n",
+		srv.Addr(), tr, len(routes), strings.Join(fwd, " "))
+	<-ctx.Done()
+	stop()
+	log.Info("stopping: draining streams in flight", slog.Duration("drain_timeout", *drainTimeout))
+	dctx, cancel := context.WithTimeout(context.Background(), *drainTimeout)
+	defer cancel()
+	if err := srv.Shutdown(dctx); err != nil {
+		log.Warn("streams aborted at the drain timeout")
+	}
+	log.Info("stopped")
+	return nil
+}
+
+func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+}
