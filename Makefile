@@ -1,0 +1,45 @@
+# migtun: two commands on a fresh machine.
+#   make demo   a real QEMU live migration with storage through two migtun processes
+#   make test   vet, unit tests with -race, fuzz seed corpora, real-QEMU end-to-end tests
+
+GO       ?= go
+FUZZTIME ?= 60s
+BIN      := bin/migtun
+VERSION  := $(shell git describe --always --dirty 2>/dev/null || echo dev)
+
+.PHONY: all build deps demo test vet unit bench-smoke fuzz clean
+
+all: build
+
+build:
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/migtun
+
+deps:
+	./scripts/deps.sh
+	$(GO) mod download
+
+demo: deps build
+	$(GO) run ./internal/demo --migtun $(BIN)
+
+test: deps vet unit
+
+vet:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
+	$(GO) vet ./...
+
+# Unit tests, fuzz seed corpora (Fuzz* run their seeds as tests) and the
+# end-to-end tests, which build bin/migtun themselves and run real QEMU.
+unit:
+	$(GO) test -race -shuffle=on -timeout 20m ./...
+
+# Each fuzz target for FUZZTIME.
+fuzz:
+	@for pkg in $$($(GO) list ./...); do \
+	  for f in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+	    echo "== $$pkg $$f"; \
+	    $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+	  done; \
+	done
+
+clean:
+	rm -rf bin

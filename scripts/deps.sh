@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what migtun's demo and tests need on a Debian machine: QEMU (to
+# migrate real VMs), strace (to show splice(2) at work) and socat (a
+# baseline relay). Go modules are fetched by the go command itself.
+set -euo pipefail
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+command -v strace >/dev/null || need+=(strace)
+command -v socat >/dev/null || need+=(socat)
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "installing ${need[*]} from Debian packages" >&2
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  sudo="sudo"
+fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
