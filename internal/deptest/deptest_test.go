@@ -1,0 +1,64 @@
+// Package deptest checks that imports between migtun's packages point one
+// way, as docs/design.md says: cmd → proxy, qmp, certs, bench → tunnel.
+package deptest
+
+import (
+	"encoding/json"
+	"io"
+	"os/exec"
+	"strings"
+	"testing"
+)
+
+const module = "github.com/migtun/migtun/"
+
+// forbidden lists, per package, the migtun packages it must not import.
+var forbidden = map[string][]string{
+	"tunnel": {"proxy", "qmp", "certs", "bench", "cmd/migtun"},
+	"certs":  {"proxy", "qmp", "tunnel", "bench", "cmd/migtun"},
+	"qmp":    {"proxy", "tunnel", "certs", "bench", "cmd/migtun"},
+	"proxy":  {"qmp", "bench", "cmd/migtun"},
+}
+
+func TestImportsPointOneWay(t *testing.T) {
+	out, err := exec.Command("go", "list", "-json", module+"...").Output()
+	if err != nil {
+		t.Fatalf("go list: %v", err)
+	}
+	dec := json.NewDecoder(strings.NewReader(string(out)))
+	seen := 0
+	for {
+		var p struct {
+			ImportPath string
+			Imports    []string
+		}
+		if err := dec.Decode(&p); err == io.EOF {
+			break
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		seen++
+		rel := strings.TrimPrefix(p.ImportPath, module)
+		for _, imp := range p.Imports {
+			if !strings.HasPrefix(imp, module) {
+				continue
+			}
+			dep := strings.TrimPrefix(imp, module)
+			if dep == "cmd/migtun" || strings.HasPrefix(dep, "cmd/") {
+				t.Errorf("%s imports %s: nothing may import cmd", rel, dep)
+			}
+			for _, f := range forbidden[rel] {
+				if dep == f {
+					t.Errorf("%s imports %s, against the package layering", rel, dep)
+				}
+			}
+			if strings.HasPrefix(dep, "internal/") && !strings.HasPrefix(rel, "internal/") && !strings.HasPrefix(rel, "cmd/") &&
+				dep != "internal/leaktest" && dep != "internal/testpki" {
+				t.Errorf("%s imports %s: library packages use only test helpers from internal/", rel, dep)
+			}
+		}
+	}
+	if seen < 5 {
+		t.Fatalf("go list reported only %d packages", seen)
+	}
+}
