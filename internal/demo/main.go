@@ -118,7 +118,6 @@ func run() error {
 		NBDServerPath: nbdSock, NBDClientPath: fwdNBD, Multifd: *multifd,
 		Progress: progress(),
 	})
-	fmt.Println()
 	if err != nil {
 		return fmt.Errorf("%w\nhost-a log:\n%s\nhost-b log:\n%s", err, hostA.Log(10), hostB.Log(10))
 	}
@@ -163,26 +162,31 @@ func show(bin string, args ...string) error {
 	return err
 }
 
-// progress prints one line per second (or a redrawn line on a terminal).
+// progress prints a line at most every 200 ms per stage, and the last
+// state of the disk mirror when it is in sync.
 func progress() func(string, *qmp.MigrationInfo, *qmp.BlockJob) {
 	var last time.Time
 	var lastStage string
 	return func(stage string, info *qmp.MigrationInfo, job *qmp.BlockJob) {
-		if stage == lastStage && time.Since(last) < time.Second {
+		now := time.Now()
+		if stage == lastStage && now.Sub(last) < 200*time.Millisecond && (job == nil || !job.Ready) {
 			return
 		}
-		if stage != lastStage && lastStage != "" {
-			fmt.Println()
-		}
-		last, lastStage = time.Now(), stage
 		switch {
 		case job != nil:
-			fmt.Printf("  disk mirror: %4d / %d MiB%s\n", job.Offset>>20, job.Len>>20, map[bool]string{true: " (in sync)"}[job.Ready])
-		case info != nil && info.RAM != nil && stage == vmtest.StageMigrate:
-			fmt.Printf("  RAM: %s, %4d MiB sent, %4d MiB remaining\n", info.Status, info.RAM.Transferred>>20, info.RAM.Remaining>>20)
+			state := "copying"
+			if job.Ready {
+				state = "in sync"
+			}
+			fmt.Printf("  disk mirror: %4d / %d MiB  %s\n", job.Offset>>20, job.Len>>20, state)
+		case stage == vmtest.StageMigrate && info != nil && info.RAM != nil:
+			fmt.Printf("  RAM: %-9s %4d MiB sent, %4d MiB remaining\n", info.Status, info.RAM.Transferred>>20, info.RAM.Remaining>>20)
 		case stage == vmtest.StageFinish:
-			fmt.Printf("  completing the disk mirror and stopping the NBD export\n")
+			fmt.Printf("  migration completed; completing the disk mirror and stopping the NBD export\n")
+		default:
+			return
 		}
+		last, lastStage = now, stage
 	}
 }
 
