@@ -15,6 +15,9 @@ type forwarder struct {
 	Forward
 	ln  net.Listener
 	srv *Server
+	// sess and ch are set for a session's listener.
+	sess *session
+	ch   *sessionChannel
 }
 
 // acceptLoop accepts local connections one at a time and opens each one's
@@ -49,6 +52,10 @@ func (f *forwarder) acceptLoop() {
 		h := tunnel.Header{Kind: tunnel.KindData, Channel: f.Channel, Index: index}
 		index++
 		l := log.With(slog.Uint64("index", h.Index))
+		if f.sess != nil {
+			h.Session, h.Token = f.sess.id, f.sess.token
+			l = l.With(slog.String("session", f.sess.idString()))
+		}
 		stream, err := s.dialer.Open(s.ctx, f.Peer, h)
 		if err != nil {
 			// Closing the local connection at once tells QEMU the channel
@@ -57,11 +64,11 @@ func (f *forwarder) acceptLoop() {
 			l.Error("stream not opened", "err", err.Error())
 			continue
 		}
-		r := &activeRelay{local: c, remote: stream}
-		if !s.track(r) {
-			abortLocal(c)
-			stream.Abort()
-			return
+		r := &activeRelay{local: c, remote: stream, sess: f.sess, ch: f.ch}
+		if err := s.track(r); err != nil {
+			r.abort()
+			l.Warn("stream aborted", "err", err.Error())
+			continue
 		}
 		l.Info("stream opened")
 		go s.runRelay(r, l)

@@ -6,6 +6,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -26,9 +30,27 @@ type Config struct {
 	Forwards []Forward
 	// DialTimeout bounds connecting to a route's local endpoint; default 5s.
 	DialTimeout time.Duration
+	// SocketDir holds the UNIX sockets of sessions' local listeners;
+	// default $TMPDIR/migtun.
+	SocketDir string
+	// SessionTTL is how long a prepared session waits for its first stream
+	// before it expires; default 2 minutes.
+	SessionTTL time.Duration
+	// MaxSessions bounds the sessions open at once; default 64.
+	MaxSessions int
+	// FinishGrace is how long finish waits for a session's streams to end
+	// by themselves before aborting them; default 10s.
+	FinishGrace time.Duration
 	// Logger receives the server's logs; nil discards.
 	Logger *slog.Logger
 }
+
+// Defaults of the session settings.
+const (
+	DefaultSessionTTL  = 2 * time.Minute
+	DefaultMaxSessions = 64
+	DefaultFinishGrace = 10 * time.Second
+)
 
 // Server is migtun's sidecar: it serves the tunnel port, delivers incoming
 // streams to their routes, and carries the connections of its forwards to
@@ -36,8 +58,13 @@ type Config struct {
 type Server struct {
 	cfg    Config
 	log    *slog.Logger
-	routes map[string]Endpoint
 	dialer *tunnel.Dialer
+
+	routesMu sync.RWMutex
+	routes   map[string]Endpoint
+
+	sessions sessions
+	timers   sync.WaitGroup // pending session expiry timers
 
 	port     *tunnel.Listener
 	forwards []*forwarder
@@ -59,6 +86,24 @@ type activeRelay struct {
 	local  net.Conn
 	remote tunnel.Stream
 	counts Counts
+	// sess and ch are set for the streams of a migration session.
+	sess *session
+	ch   *sessionChannel
+}
+
+// abort ends both connections at once.
+func (r *activeRelay) abort() {
+	abortLocal(r.local)
+	r.remote.Abort()
+}
+
+// directions returns the bytes moved from source to destination and back,
+// seen from a host of the given role.
+func (r *activeRelay) directions(role Role) (forward, ret int64) {
+	if role == RoleSource {
+		return r.counts.Up.Load(), r.counts.Down.Load()
+	}
+	return r.counts.Down.Load(), r.counts.Up.Load()
 }
 
 // New checks cfg and returns a Server that has not started yet.
@@ -71,6 +116,18 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.SocketDir == "" {
+		cfg.SocketDir = filepath.Join(os.TempDir(), "migtun")
+	}
+	if cfg.SessionTTL <= 0 {
+		cfg.SessionTTL = DefaultSessionTTL
+	}
+	if cfg.MaxSessions <= 0 {
+		cfg.MaxSessions = DefaultMaxSessions
+	}
+	if cfg.FinishGrace <= 0 {
+		cfg.FinishGrace = DefaultFinishGrace
 	}
 	routes := make(map[string]Endpoint)
 	for _, r := range cfg.Routes {
@@ -123,6 +180,8 @@ func (s *Server) Start() error {
 		s.wg.Add(1)
 		go s.acceptStreams()
 	}
+	s.wg.Add(1)
+	go s.sampleLoop()
 	for _, f := range s.forwards {
 		s.wg.Add(1)
 		go f.acceptLoop()
@@ -144,6 +203,7 @@ func (s *Server) Addr() net.Addr {
 // relays had to be aborted.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.stopAccepting()
+	defer s.endAllSessions()
 	done := make(chan struct{})
 	go func() { // owned: ends when relays drain or are aborted below
 		s.mu.Lock()
@@ -169,9 +229,19 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // Close aborts every relay at once and releases everything.
 func (s *Server) Close() error {
 	s.stopAccepting()
+	s.endAllSessions()
 	s.abortRelays()
 	s.wg.Wait()
 	return s.dialer.Close()
+}
+
+// endAllSessions aborts every open session, telling peers, and waits for
+// pending expiry timers.
+func (s *Server) endAllSessions() {
+	for _, sess := range s.sessions.all() {
+		s.abortSession(sess, "migtun is stopping", true)
+	}
+	s.timers.Wait()
 }
 
 func (s *Server) stopAccepting() {
@@ -195,19 +265,28 @@ func (s *Server) abortRelays() {
 	}
 }
 
-// track registers a relay; it returns false when the server is stopping.
-func (s *Server) track(r *activeRelay) bool {
+// track registers a relay, and with its session if it has one; it fails
+// when the server is stopping or the session takes no more streams.
+func (s *Server) track(r *activeRelay) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.ctx.Err() != nil {
-		return false
+		return &tunnel.RefusedError{Reason: tunnel.ReasonShuttingDown}
+	}
+	if r.sess != nil {
+		if err := r.sess.addRelay(r); err != nil {
+			return err
+		}
 	}
 	s.relays[r] = struct{}{}
 	s.wg.Add(1)
-	return true
+	return nil
 }
 
 func (s *Server) untrack(r *activeRelay) {
+	if r.sess != nil {
+		r.sess.removeRelay(r)
+	}
 	s.mu.Lock()
 	delete(s.relays, r)
 	s.idle.Broadcast()
@@ -288,31 +367,56 @@ func (o *ordering) finish(channel string, done chan struct{}) {
 	}
 }
 
-// deliver connects an incoming stream to its route.
+// deliver connects an incoming stream to its route, or serves it if it is
+// a control stream.
 func (s *Server) deliver(in *tunnel.Incoming) {
 	h := in.Header
 	log := s.log.With(slog.String("channel", h.Channel), slog.Uint64("index", h.Index),
 		slog.String("peer", in.Peer), slog.String("transport", string(in.Transport)))
-	if h.Kind != tunnel.KindData {
-		in.Refuse(&tunnel.RefusedError{Reason: tunnel.ReasonUnknownKind, Detail: h.Kind.String() + " streams are not served here"})
-		log.Warn("stream refused", slog.String("reason", "unknown_kind"))
+	refuse := func(err *tunnel.RefusedError) {
+		in.Refuse(err)
+		log.Warn("stream refused", slog.String("reason", err.Reason.String()), slog.String("err", err.Detail))
+	}
+	switch h.Kind {
+	case tunnel.KindControl:
+		s.serveControl(in)
+		return
+	case tunnel.KindData:
+	default:
+		refuse(&tunnel.RefusedError{Reason: tunnel.ReasonUnknownKind, Detail: h.Kind.String() + " streams are not served here"})
 		return
 	}
+	r := &activeRelay{}
+	var target Endpoint
 	if h.Session != (tunnel.SessionID{}) {
-		in.Refuse(&tunnel.RefusedError{Reason: tunnel.ReasonUnknownSession, Detail: "unknown session"})
-		log.Warn("stream refused", slog.String("reason", "unknown_session"))
-		return
-	}
-	target, ok := s.routes[h.Channel]
-	if !ok {
-		in.Refuse(&tunnel.RefusedError{Reason: tunnel.ReasonNoRoute, Detail: fmt.Sprintf("no route for channel %q", h.Channel)})
-		log.Warn("stream refused", slog.String("reason", "no_route"))
-		return
+		sess := s.sessions.get(h.Session)
+		// The same answer for every failure, so a peer learns nothing about
+		// sessions it does not hold the token of.
+		if sess == nil || sess.role != RoleDestination || !sess.checkToken(h.Token) || sess.peer != in.Peer {
+			refuse(&tunnel.RefusedError{Reason: tunnel.ReasonUnknownSession, Detail: "unknown session or wrong token"})
+			return
+		}
+		if !sess.takesStreams() {
+			refuse(&tunnel.RefusedError{Reason: tunnel.ReasonUnknownSession, Detail: "the session takes no more streams"})
+			return
+		}
+		ch := sess.byName[h.Channel]
+		if ch == nil {
+			refuse(&tunnel.RefusedError{Reason: tunnel.ReasonNoRoute, Detail: fmt.Sprintf("channel %q is not part of the session", h.Channel)})
+			return
+		}
+		r.sess, r.ch, target = sess, ch, ch.target
+		log = log.With(slog.String("session", sess.idString()))
+	} else {
+		var ok bool
+		if target, ok = s.route(h.Channel); !ok {
+			refuse(&tunnel.RefusedError{Reason: tunnel.ReasonNoRoute, Detail: fmt.Sprintf("no route for channel %q", h.Channel)})
+			return
+		}
 	}
 	local, err := target.dial(s.ctx, s.cfg.DialTimeout)
 	if err != nil {
-		in.Refuse(&tunnel.RefusedError{Reason: tunnel.ReasonDialFailed, Detail: fmt.Sprintf("channel %q: %v", h.Channel, err)})
-		log.Warn("stream refused", slog.String("reason", "dial_failed"), slog.String("err", err.Error()))
+		refuse(&tunnel.RefusedError{Reason: tunnel.ReasonDialFailed, Detail: fmt.Sprintf("channel %q: %v", h.Channel, err)})
 		return
 	}
 	stream, err := in.Accept()
@@ -321,12 +425,49 @@ func (s *Server) deliver(in *tunnel.Incoming) {
 		log.Warn("stream lost while accepting", slog.String("err", err.Error()))
 		return
 	}
-	r := &activeRelay{local: local, remote: stream}
-	if !s.track(r) {
-		abortLocal(local)
-		stream.Abort()
+	r.local, r.remote = local, stream
+	if err := s.track(r); err != nil {
+		// The session ended or the server is stopping since the checks.
+		r.abort()
+		log.Warn("stream aborted", slog.String("err", err.Error()))
 		return
 	}
 	log.Info("stream accepted", slog.String("target", target.String()))
 	go s.runRelay(r, log)
+}
+
+// route returns the local endpoint of a channel's static or registered route.
+func (s *Server) route(channel string) (Endpoint, bool) {
+	s.routesMu.RLock()
+	defer s.routesMu.RUnlock()
+	ep, ok := s.routes[channel]
+	return ep, ok
+}
+
+// SetRoute registers (or replaces) the route of a channel on this host.
+func (s *Server) SetRoute(r Route) {
+	s.routesMu.Lock()
+	defer s.routesMu.Unlock()
+	s.routes[r.Channel] = r.Target
+}
+
+// DeleteRoute removes the route of a channel; it reports whether there was one.
+func (s *Server) DeleteRoute(channel string) bool {
+	s.routesMu.Lock()
+	defer s.routesMu.Unlock()
+	_, ok := s.routes[channel]
+	delete(s.routes, channel)
+	return ok
+}
+
+// Routes lists this host's routes.
+func (s *Server) Routes() []Route {
+	s.routesMu.RLock()
+	defer s.routesMu.RUnlock()
+	out := make([]Route, 0, len(s.routes))
+	for ch, ep := range s.routes {
+		out = append(out, Route{Channel: ch, Target: ep})
+	}
+	slices.SortFunc(out, func(a, b Route) int { return strings.Compare(a.Channel, b.Channel) })
+	return out
 }

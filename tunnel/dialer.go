@@ -55,10 +55,14 @@ func (d *Dialer) Open(ctx context.Context, addr string, h Header) (Stream, error
 	if err != nil {
 		return nil, err
 	}
-	switch d.cfg.Transport {
-	case QUIC:
+	switch {
+	case d.cfg.Transport == QUIC:
 		return d.openQUIC(ctx, addr, wire)
-	case Plain:
+	case d.cfg.Transport == Plain && h.Kind == KindControl:
+		// Control messages carry session secrets: they always travel
+		// encrypted, over TLS on the same port.
+		return d.openTLS(ctx, addr, wire)
+	case d.cfg.Transport == Plain:
 		s, err := d.openPlain(ctx, addr, wire)
 		if errors.Is(err, &RefusedError{Reason: ReasonUnauthorized}) {
 			// The peer may have restarted and forgotten our key: agree on a

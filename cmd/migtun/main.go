@@ -7,6 +7,9 @@
 //	             [--route CHANNEL=unix:PATH|tcp:HOST:PORT]...
 //	             [--forward unix:PATH|tcp:HOST:PORT=PEERHOST:PORT/CHANNEL]...
 //	             [--insecure-plaintext]
+//	migtun session prepare --control unix:PATH --peer HOST:PORT --channel NAME [--channel NAME]...
+//	migtun session show|finish|abort --control unix:PATH ID
+//	migtun session list --control unix:PATH
 //	migtun version
 //
 // Run "migtun COMMAND --help" for the flags of a command.
@@ -50,6 +53,7 @@ Usage:
   migtun certs init  --dir DIR                  create a certificate authority
   migtun certs issue --dir DIR --name NAME ...  issue a host certificate
   migtun serve ...                              run the sidecar
+  migtun session prepare|show|list|finish|abort manage migration sessions
   migtun version                                print the version
 
 Run "migtun COMMAND --help" for the flags of a command.
@@ -66,6 +70,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return runCerts(args[1:], stdout, stderr)
 	case "serve":
 		return runServe(args[1:], stdout, stderr)
+	case "session":
+		return runSession(args[1:], stdout, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "migtun", versionString())
 		return nil

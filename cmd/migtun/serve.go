@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os/signal"
 	"strings"
 	"syscall"
@@ -20,7 +21,7 @@ import (
 const serveSynopsis = `serve --listen HOST:PORT --transport tls|quic|plain --cert FILE --key FILE --ca FILE
               [--route CHANNEL=unix:PATH|tcp:HOST:PORT]...
               [--forward unix:PATH|tcp:HOST:PORT=PEERHOST:PORT/CHANNEL]...
-              [--insecure-plaintext]`
+              [--insecure-plaintext] [--control unix:PATH] [--control-listen HOST:PORT]`
 
 func runServe(args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("serve", serveSynopsis, stderr)
@@ -48,6 +49,12 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	handshakeTimeout := fs.Duration("handshake-timeout", tunnel.DefaultHandshakeTimeout, "bound on an incoming stream's handshake and header")
 	idleTimeout := fs.Duration("idle-timeout", tunnel.DefaultIdleTimeout, "a QUIC peer silent this long is declared dead")
 	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long streams in flight may go on before they are aborted")
+	control := fs.String("control", "", "the local control endpoint, a UNIX socket (mode 0600): unix:PATH (default: none)")
+	controlListen := fs.String("control-listen", "", "also serve the control endpoint on TCP HOST:PORT; it has no authentication, keep it on loopback (default: off)")
+	socketDir := fs.String("socket-dir", "", "directory for the UNIX sockets of sessions (default $TMPDIR/migtun)")
+	sessionTTL := fs.Duration("session-ttl", proxy.DefaultSessionTTL, "a prepared session that sees no stream in this time expires")
+	maxSessions := fs.Int("max-sessions", proxy.DefaultMaxSessions, "sessions open at once, at most")
+	finishGrace := fs.Duration("finish-grace", proxy.DefaultFinishGrace, "how long finish waits for a session's streams to end before aborting them")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
 	if err := parse(fs, args); err != nil {
@@ -87,6 +94,10 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		Routes:      routes,
 		Forwards:    forwards,
 		DialTimeout: *dialTimeout,
+		SocketDir:   *socketDir,
+		SessionTTL:  *sessionTTL,
+		MaxSessions: *maxSessions,
+		FinishGrace: *finishGrace,
 		Logger:      log,
 	})
 	if err != nil {
@@ -97,6 +108,32 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	if err := srv.Start(); err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
+	var controls []string
+	if *control != "" {
+		ep, err := proxy.ParseEndpoint(*control)
+		if err == nil && ep.Network != "unix" {
+			err = errors.New("want unix:PATH (use --control-listen for TCP)")
+		}
+		if err == nil {
+			_, err = srv.ListenControl(ep)
+		}
+		if err != nil {
+			srv.Close()
+			return fmt.Errorf("serve: --control: %w", err)
+		}
+		controls = append(controls, ep.String())
+	}
+	if *controlListen != "" {
+		addr, err := srv.ListenControl(proxy.Endpoint{Network: "tcp", Address: *controlListen})
+		if err != nil {
+			srv.Close()
+			return fmt.Errorf("serve: --control-listen: %w", err)
+		}
+		if ta, ok := addr.(*net.TCPAddr); ok && !ta.IP.IsLoopback() {
+			log.Warn("the control endpoint listens beyond loopback without authentication", "addr", addr.String())
+		}
+		controls = append(controls, "tcp:"+addr.String())
+	}
 	if *plaintext {
 		log.Warn("plaintext allowed: migration bytes of plain streams cross the network unencrypted")
 	}
@@ -104,8 +141,8 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	for _, f := range forwards {
 		fwd = append(fwd, f.String())
 	}
-	fmt.Fprintf(stdout, "migtun ready: listening on %s (%s); %d routes; forwards: [%s]\n",
-		srv.Addr(), tr, len(routes), strings.Join(fwd, " "))
+	fmt.Fprintf(stdout, "migtun ready: listening on %s (%s); %d routes; forwards: [%s]; control: [%s]\n",
+		srv.Addr(), tr, len(routes), strings.Join(fwd, " "), strings.Join(controls, " "))
 	<-ctx.Done()
 	stop()
 	log.Info("stopping: draining streams in flight", slog.Duration("drain_timeout", *drainTimeout))
