@@ -142,20 +142,28 @@ func (s *Server) Prepare(ctx context.Context, req PrepareRequest) (SessionInfo, 
 	if err == nil {
 		sess.token, err = parseToken(resp.Token)
 	}
+	// The channels are complete before the session is registered, so
+	// nothing reads them while they change.
+	for _, name := range req.Channels {
+		if err != nil {
+			break
+		}
+		var c *sessionChannel
+		if c, err = s.listenChannel(sess, name, req.Listen); err == nil {
+			sess.addChannel(c)
+		} else {
+			err = fmt.Errorf("opening the local listener of channel %q: %w", name, err)
+		}
+	}
 	if err == nil {
 		err = s.sessions.add(sess, s.cfg.MaxSessions)
 	}
 	if err != nil {
+		for _, c := range sess.order {
+			c.fwd.ln.Close()
+		}
 		s.tellPeer(req.Peer, controlRequest{Op: opAbort, Session: resp.Session, Token: resp.Token, Reason: err.Error()})
 		return SessionInfo{}, err
-	}
-	for _, name := range req.Channels {
-		c, err := s.listenChannel(sess, name, req.Listen)
-		if err != nil {
-			s.abortSession(sess, "opening local listeners: "+err.Error(), true)
-			return SessionInfo{}, err
-		}
-		sess.addChannel(c)
 	}
 	for _, c := range sess.order {
 		s.wg.Add(1)

@@ -51,6 +51,10 @@ type MigrateOptions struct {
 	// MaxBandwidth is the migration bandwidth limit in bytes/s; default
 	// [DefaultMaxBandwidth].
 	MaxBandwidth int64
+	// BeforeNBDStop, if set, runs after the source has dropped its NBD
+	// client and before the destination's NBD server stops, so a relay in
+	// between can deliver the client's last request first.
+	BeforeNBDStop func(context.Context) error
 	// Progress, if set, is called with each stage's state: job for
 	// StageMirror, info for StageMigrate and StageIncoming.
 	Progress func(stage string, info *qmp.MigrationInfo, job *qmp.BlockJob)
@@ -191,6 +195,11 @@ func (m *migration) run(ctx context.Context) (*Result, error) {
 		return nil, fmt.Errorf("vmtest: source: %w", err)
 	}
 	m.nbdNode = false
+	if o.BeforeNBDStop != nil {
+		if err := o.BeforeNBDStop(ctx); err != nil {
+			return nil, fmt.Errorf("vmtest: before stopping the NBD server: %w", err)
+		}
+	}
 	if err := m.dst.NBDServerStop(ctx); err != nil {
 		return nil, fmt.Errorf("vmtest: destination: %w", err)
 	}
