@@ -20,8 +20,14 @@ type Endpoint struct {
 	Address string
 }
 
-// String returns the endpoint in the form ParseEndpoint reads.
-func (e Endpoint) String() string { return e.Network + ":" + e.Address }
+// String returns the endpoint in the form ParseEndpoint reads ("session"
+// for SessionSocket).
+func (e Endpoint) String() string {
+	if e == SessionSocket {
+		return "session"
+	}
+	return e.Network + ":" + e.Address
+}
 
 // URI returns the endpoint as QEMU's migrate command takes it
 // ("unix:/path" or "tcp:host:port").
@@ -86,7 +92,17 @@ type Route struct {
 	Target  Endpoint
 }
 
-// ParseRoute reads "CHANNEL=unix:PATH" or "CHANNEL=tcp:HOST:PORT".
+// SessionSocket is the target of a route that delivers each session's
+// streams to a UNIX socket named after the session, in this host's own
+// socket directory: <socket-dir>/<first 12 hex digits of the ID>-<channel>.sock,
+// the same name the source's session listener has. libvirt's UNIX-socket
+// migration needs this: it makes the destination QEMU listen on the path the
+// source QEMU connects to. The name is built here from the session ID and a
+// validated channel name; no path comes from the wire.
+var SessionSocket = Endpoint{Network: "session"}
+
+// ParseRoute reads "CHANNEL=unix:PATH", "CHANNEL=tcp:HOST:PORT" or
+// "CHANNEL=session" (see SessionSocket).
 func ParseRoute(s string) (Route, error) {
 	ch, target, ok := strings.Cut(s, "=")
 	if !ok {
@@ -94,6 +110,9 @@ func ParseRoute(s string) (Route, error) {
 	}
 	if !tunnel.ValidChannel(ch) {
 		return Route{}, fmt.Errorf("route %q: bad channel name %q (1-%d of a-z 0-9 - _ .)", s, ch, tunnel.MaxChannelLen)
+	}
+	if target == "session" {
+		return Route{Channel: ch, Target: SessionSocket}, nil
 	}
 	ep, err := ParseEndpoint(target)
 	if err != nil {

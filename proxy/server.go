@@ -413,6 +413,10 @@ func (s *Server) deliver(in *tunnel.Incoming) {
 			refuse(&tunnel.RefusedError{Reason: tunnel.ReasonNoRoute, Detail: fmt.Sprintf("no route for channel %q", h.Channel)})
 			return
 		}
+		if target == SessionSocket {
+			refuse(&tunnel.RefusedError{Reason: tunnel.ReasonNoRoute, Detail: fmt.Sprintf("channel %q is routed only within sessions", h.Channel)})
+			return
+		}
 	}
 	local, err := target.dial(s.ctx, s.cfg.DialTimeout)
 	if err != nil {

@@ -339,3 +339,54 @@ func openFDs(t *testing.T) int {
 	}
 	return len(ents)
 }
+
+// TestSessionSocketRoute checks the "session" route target: the
+// destination delivers a session's streams to the socket named like the
+// source's listener, in its own socket directory.
+func TestSessionSocketRoute(t *testing.T) {
+	leaktest.Check(t)
+	dir, err := os.MkdirTemp("", "pr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	ca := testpki.NewCA(t)
+	dstDir := filepath.Join(dir, "d")
+	os.Mkdir(dstDir, 0o700)
+	dst, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "dst"), tunnel.TLS),
+		Routes: []proxy.Route{{Channel: "main", Target: proxy.SessionSocket}}, SocketDir: dstDir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dst.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer dst.Close()
+	src, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "src"), tunnel.TLS),
+		SocketDir: filepath.Join(dir, "s")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	info, err := src.Prepare(context.Background(), proxy.PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srcPath := strings.TrimPrefix(info.Channels[0].URI, "unix:")
+	// The destination QEMU listens on the path of the same name, as libvirt
+	// would make it.
+	sessEcho(t, filepath.Join(dstDir, filepath.Base(srcPath)))
+	echoThrough(t, info.Channels[0].URI, 4096)
+	if rep, err := src.Finish(context.Background(), info.ID, time.Second); err != nil || len(rep.Mismatch) > 0 {
+		t.Fatalf("finish: %v %+v", err, rep)
+	}
+	// Outside a session the route serves nothing.
+	d, _ := tunnel.NewDialer(sessTunnel(ca.NewHost(t, "src"), tunnel.TLS))
+	defer d.Close()
+	if _, err := d.Open(context.Background(), dst.Addr().String(), tunnel.Header{Kind: tunnel.KindData, Channel: "main"}); !errors.Is(err, &tunnel.RefusedError{Reason: tunnel.ReasonNoRoute}) {
+		t.Fatalf("static stream to a session route: %v", err)
+	}
+}

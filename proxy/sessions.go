@@ -204,7 +204,7 @@ func (s *Server) listenChannel(sess *session, name, kind string) (*sessionChanne
 		if err := os.MkdirAll(s.cfg.SocketDir, 0o700); err != nil {
 			return nil, fmt.Errorf("socket directory: %w", err)
 		}
-		ep = Endpoint{Network: "unix", Address: filepath.Join(s.cfg.SocketDir, sess.idString()[:12]+"-"+name+".sock")}
+		ep = Endpoint{Network: "unix", Address: s.sessionSocketPath(sess, name)}
 	}
 	ln, err := ep.listen()
 	if err != nil {
@@ -226,6 +226,12 @@ func (s *Server) listenChannel(sess *session, name, kind string) (*sessionChanne
 	}
 	c.fwd = &forwarder{Forward: Forward{Listen: ep, Peer: sess.peer, Channel: name}, ln: ln, srv: s, sess: sess, ch: c}
 	return c, nil
+}
+
+// sessionSocketPath names the UNIX socket of a session's channel in this
+// host's socket directory.
+func (s *Server) sessionSocketPath(sess *session, channel string) string {
+	return filepath.Join(s.cfg.SocketDir, sess.idString()[:12]+"-"+channel+".sock")
 }
 
 // armExpiry ends the session if it sees no stream within its TTL.
@@ -403,6 +409,9 @@ func (s *Server) preparePeer(peer string, req controlRequest) controlResponse {
 		target, ok := s.route(name)
 		if !ok {
 			return controlResponse{Error: fmt.Sprintf("no route for channel %q on this host", name)}
+		}
+		if target == SessionSocket {
+			target = Endpoint{Network: "unix", Address: s.sessionSocketPath(sess, name)}
 		}
 		sess.addChannel(&sessionChannel{name: name, target: target})
 	}

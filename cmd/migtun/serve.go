@@ -31,7 +31,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	keyFile := fs.String("key", "", "this host's private key (PEM)")
 	caFile := fs.String("ca", "", "the CA certificate peers must be signed by (PEM)")
 	var routes []proxy.Route
-	fs.Func("route", "deliver incoming streams of CHANNEL to a local socket: CHANNEL=unix:PATH or CHANNEL=tcp:HOST:PORT (repeatable)", func(s string) error {
+	fs.Func("route", "deliver incoming streams of CHANNEL to a local socket: CHANNEL=unix:PATH, CHANNEL=tcp:HOST:PORT, or CHANNEL=session for a socket named after each session in --socket-dir (repeatable)", func(s string) error {
 		r, err := proxy.ParseRoute(s)
 		routes = append(routes, r)
 		return err
@@ -51,7 +51,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long streams in flight may go on before they are aborted")
 	control := fs.String("control", "", "the local control endpoint, a UNIX socket (mode 0600): unix:PATH (default: none)")
 	controlListen := fs.String("control-listen", "", "also serve the control endpoint on TCP HOST:PORT; it has no authentication, keep it on loopback (default: off)")
-	socketDir := fs.String("socket-dir", "", "directory for the UNIX sockets of sessions (default $TMPDIR/migtun)")
+	socketDir := fs.String("socket-dir", "", "directory of the sessions' UNIX sockets: the source's listeners, the destination's CHANNEL=session routes (default $TMPDIR/migtun)")
 	sessionTTL := fs.Duration("session-ttl", proxy.DefaultSessionTTL, "a prepared session that sees no stream in this time expires")
 	maxSessions := fs.Int("max-sessions", proxy.DefaultMaxSessions, "sessions open at once, at most")
 	finishGrace := fs.Duration("finish-grace", proxy.DefaultFinishGrace, "how long finish waits for a session's streams to end before aborting them")
