@@ -1,0 +1,100 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// runCLI runs the command line in-process and returns stdout, stderr and
+// the error, as main would see them.
+func runCLI(args ...string) (string, string, error) {
+	var out, errOut bytes.Buffer
+	err := run(args, &out, &errOut)
+	return out.String(), errOut.String(), err
+}
+
+// TestBadFlagsNamed checks that a bad command line is refused with a
+// message naming what is wrong, before anything starts.
+func TestBadFlagsNamed(t *testing.T) {
+	dir := t.TempDir()
+	for _, name := range []string{"c.crt", "c.key", "ca.crt"} {
+		os.WriteFile(filepath.Join(dir, name), nil, 0o600)
+	}
+	files := []string{"--cert", filepath.Join(dir, "c.crt"), "--key", filepath.Join(dir, "c.key"), "--ca", filepath.Join(dir, "ca.crt")}
+	cases := []struct {
+		args []string
+		want string // in the error or on stderr
+	}{
+		{[]string{}, "no command"},
+		{[]string{"frobnicate"}, `unknown command "frobnicate"`},
+		{[]string{"serve", "--no-such-flag"}, "no-such-flag"},
+		{[]string{"serve", "--route", "main"}, "-route"},
+		{[]string{"serve", "--route", "main=unix:relative/path"}, "absolute"},
+		{[]string{"serve", "--route", "Main=unix:/x"}, "bad channel name"},
+		{[]string{"serve", "--forward", "unix:/x=host/main"}, "-forward"},
+		{[]string{"serve", "--forward", "unix:/x=host:99999/main"}, "bad port"},
+		{[]string{"serve", "--dial-timeout", "soon"}, "-dial-timeout"},
+		{append([]string{"serve"}, files...), "--listen is required"},
+		{[]string{"serve", "--listen", "127.0.0.1:0", "--key", "k", "--ca", "c"}, "--cert is required"},
+		{append([]string{"serve", "--listen", "127.0.0.1:0", "--transport", "carrier-pigeon"}, files...), "--transport"},
+		{append([]string{"serve", "--listen", "127.0.0.1:0", "--transport", "plain"}, files...), "--insecure-plaintext"},
+		{append([]string{"serve", "--listen", "127.0.0.1:0", "--log-format", "xml"}, files...), "--log-format"},
+		{append([]string{"serve", "--listen", "127.0.0.1:0"}, files...), "ca.crt: certs: no certificate"}, // empty PEM files
+		{[]string{"serve", "stray"}, "unexpected argument"},
+		{[]string{"certs"}, "init or issue"},
+		{[]string{"certs", "init"}, "--dir is required"},
+		{[]string{"certs", "issue", "--dir", dir}, "--name is required"},
+		{[]string{"certs", "issue", "--dir", dir, "--name", "../evil"}, "evil"},
+		{[]string{"session"}, "prepare, show, list, finish or abort"},
+		{[]string{"session", "show", "--control", "unix:/nonexistent.sock"}, "exactly one session ID"},
+		{[]string{"session", "prepare", "--peer", "h:1", "--channel", "main"}, "--control is required"},
+		{[]string{"session", "list", "--control", "unix:" + filepath.Join(dir, "none.sock")}, "is 'migtun serve --control"},
+	}
+	for _, c := range cases {
+		t.Run(strings.Join(c.args, " "), func(t *testing.T) {
+			_, stderr, err := runCLI(c.args...)
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			msg := err.Error() + "\n" + stderr
+			if !strings.Contains(msg, c.want) {
+				t.Fatalf("message does not mention %q:\n%s", c.want, msg)
+			}
+		})
+	}
+}
+
+func TestHelpAndVersion(t *testing.T) {
+	out, _, err := runCLI("version")
+	if err != nil || !strings.HasPrefix(out, "migtun ") {
+		t.Fatalf("version: %q %v", out, err)
+	}
+	_, stderr, err := runCLI("serve", "--help")
+	if !errors.Is(err, flag.ErrHelp) || !strings.Contains(stderr, "--route") && !strings.Contains(stderr, "-route") {
+		t.Fatalf("serve --help: %v\n%s", err, stderr)
+	}
+}
+
+func TestCertsCommands(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "pki")
+	if _, _, err := runCLI("certs", "init", "--dir", dir); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := runCLI("certs", "init", "--dir", dir); err == nil {
+		t.Fatal("certs init overwrote an existing CA")
+	}
+	out, _, err := runCLI("certs", "issue", "--dir", dir, "--name", "host-a", "--san", "10.0.0.1", "--san", "a.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"ca.crt", "ca.key", "host-a.crt", "host-a.key"} {
+		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+			t.Fatalf("%s: %v (output %q)", f, err, out)
+		}
+	}
+}
