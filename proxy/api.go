@@ -16,6 +16,7 @@ import (
 // and optionally on TCP. Paths are versioned:
 //
 //	GET    /healthz                      {"status":"ok"}
+//	GET    /metrics                      Prometheus exposition
 //	GET    /v1/sessions                  [SessionInfo…]
 //	POST   /v1/sessions                  PrepareRequest → SessionInfo
 //	GET    /v1/sessions/{id}             SessionInfo
@@ -36,6 +37,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
+	mux.Handle("GET /metrics", s.metrics.handler())
 	mux.HandleFunc("GET /v1/sessions", func(w http.ResponseWriter, r *http.Request) {
 		list := s.Sessions()
 		if list == nil {
@@ -179,20 +181,7 @@ func (s *Server) ServeControl(ln net.Listener) error {
 			return fmt.Errorf("control socket: %w", err)
 		}
 	}
-	hs := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second,
-		BaseContext: func(net.Listener) context.Context { return s.ctx }}
-	s.wg.Add(2)
-	go func() {
-		defer s.wg.Done()
-		hs.Serve(ln) // ends when Shutdown closes ln
-	}()
-	go func() {
-		defer s.wg.Done()
-		<-s.ctx.Done()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		hs.Shutdown(ctx)
-	}()
+	s.serveHTTP(ln, s.Handler())
 	return nil
 }
 
@@ -207,4 +196,35 @@ func (s *Server) ListenControl(ep Endpoint) (net.Addr, error) {
 		return nil, err
 	}
 	return ln.Addr(), nil
+}
+
+// ListenMetrics serves /metrics alone on a TCP address until the server
+// stops.
+func (s *Server) ListenMetrics(addr string) (net.Addr, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", s.metrics.handler())
+	s.serveHTTP(ln, mux)
+	return ln.Addr(), nil
+}
+
+// serveHTTP serves h on ln until the server stops.
+func (s *Server) serveHTTP(ln net.Listener, h http.Handler) {
+	hs := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second,
+		BaseContext: func(net.Listener) context.Context { return s.ctx }}
+	s.wg.Add(2)
+	go func() {
+		defer s.wg.Done()
+		hs.Serve(ln) // ends when Shutdown closes ln
+	}()
+	go func() {
+		defer s.wg.Done()
+		<-s.ctx.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		hs.Shutdown(ctx)
+	}()
 }

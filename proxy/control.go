@@ -158,6 +158,7 @@ func (s *Server) serveControl(in *tunnel.Incoming) {
 	var req controlRequest
 	var resp controlResponse
 	if err := readMessage(st, &req); err != nil {
+		s.metrics.refused(tunnel.ReasonMalformed)
 		log.Warn("control request refused", "err", err.Error())
 		resp.Error = err.Error()
 	} else {

@@ -61,10 +61,11 @@ func (f *forwarder) acceptLoop() {
 			// Closing the local connection at once tells QEMU the channel
 			// failed; the error names the reason the peer gave.
 			abortLocal(c)
+			s.metrics.streams.WithLabelValues(f.Channel, "refused").Inc()
 			l.Error("stream not opened", "err", err.Error())
 			continue
 		}
-		r := &activeRelay{local: c, remote: stream, sess: f.sess, ch: f.ch}
+		r := &activeRelay{local: c, remote: stream, channel: f.Channel, role: RoleSource, sess: f.sess, ch: f.ch}
 		if err := s.track(r); err != nil {
 			r.abort()
 			l.Warn("stream aborted", "err", err.Error())

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -65,6 +66,7 @@ type Server struct {
 
 	sessions sessions
 	timers   sync.WaitGroup // pending session expiry timers
+	metrics  *metrics
 
 	port     *tunnel.Listener
 	forwards []*forwarder
@@ -86,6 +88,9 @@ type activeRelay struct {
 	local  net.Conn
 	remote tunnel.Stream
 	counts Counts
+	// channel and role say what the relay carries, seen from this host.
+	channel string
+	role    Role
 	// sess and ch are set for the streams of a migration session.
 	sess *session
 	ch   *sessionChannel
@@ -143,16 +148,31 @@ func New(cfg Config) (*Server, error) {
 		}
 		seen[f.Listen.String()] = true
 	}
+	s := &Server{}
+	s.metrics = newMetrics(s)
 	tc := *cfg.Tunnel
 	tc.Logger = cfg.Logger
+	userRefused, userHandshake := tc.OnRefused, tc.OnHandshake
+	tc.OnRefused = func(r tunnel.Reason) {
+		s.metrics.refused(r)
+		if userRefused != nil {
+			userRefused(r)
+		}
+	}
+	tc.OnHandshake = func(t tunnel.Transport, dir string, took time.Duration) {
+		s.metrics.onHandshake(t, dir, took)
+		if userHandshake != nil {
+			userHandshake(t, dir, took)
+		}
+	}
 	cfg.Tunnel = &tc
 	dialer, err := tunnel.NewDialer(cfg.Tunnel)
 	if err != nil {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &Server{cfg: cfg, log: cfg.Logger, routes: routes, dialer: dialer, ctx: ctx, cancel: cancel,
-		relays: make(map[*activeRelay]struct{})}
+	s.cfg, s.log, s.routes, s.dialer, s.ctx, s.cancel = cfg, cfg.Logger, routes, dialer, ctx, cancel
+	s.relays = make(map[*activeRelay]struct{})
 	s.idle = sync.NewCond(&s.mu)
 	return s, nil
 }
@@ -188,6 +208,10 @@ func (s *Server) Start() error {
 	}
 	return nil
 }
+
+// MetricsHandler serves the server's metrics in the Prometheus exposition
+// format.
+func (s *Server) MetricsHandler() http.Handler { return s.metrics.handler() }
 
 // Addr returns the address of the tunnel port, or nil if none is served.
 func (s *Server) Addr() net.Addr {
@@ -299,6 +323,7 @@ func (s *Server) runRelay(r *activeRelay, log *slog.Logger) {
 	defer s.untrack(r)
 	start := time.Now()
 	err := relay(r.local, r.remote, &r.counts)
+	s.metrics.streamEnded(r, err)
 	attrs := []any{
 		slog.Int64("bytes_up", r.counts.Up.Load()), slog.Int64("bytes_down", r.counts.Down.Load()),
 		slog.Duration("duration", time.Since(start)),
@@ -375,6 +400,7 @@ func (s *Server) deliver(in *tunnel.Incoming) {
 		slog.String("peer", in.Peer), slog.String("transport", string(in.Transport)))
 	refuse := func(err *tunnel.RefusedError) {
 		in.Refuse(err)
+		s.metrics.refused(err.Reason)
 		log.Warn("stream refused", slog.String("reason", err.Reason.String()), slog.String("err", err.Detail))
 	}
 	switch h.Kind {
@@ -386,7 +412,7 @@ func (s *Server) deliver(in *tunnel.Incoming) {
 		refuse(&tunnel.RefusedError{Reason: tunnel.ReasonUnknownKind, Detail: h.Kind.String() + " streams are not served here"})
 		return
 	}
-	r := &activeRelay{}
+	r := &activeRelay{channel: h.Channel, role: RoleDestination}
 	var target Endpoint
 	if h.Session != (tunnel.SessionID{}) {
 		sess := s.sessions.get(h.Session)

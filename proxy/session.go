@@ -166,7 +166,7 @@ func (s *session) addRelay(r *activeRelay) error {
 
 // removeRelay detaches an ended relay and keeps its byte counts.
 func (s *session) removeRelay(r *activeRelay) {
-	fwd, ret := r.directions(s.role)
+	fwd, ret := r.directions(r.role)
 	r.ch.doneForward.Add(fwd)
 	r.ch.doneReturn.Add(ret)
 	r.ch.active.Add(-1)
@@ -242,7 +242,7 @@ func (s *session) channelInfo(c *sessionChannel) ChannelInfo {
 	s.mu.Lock()
 	for r := range s.relays {
 		if r.ch == c {
-			f, b := r.directions(s.role)
+			f, b := r.directions(r.role)
 			fwd, ret = fwd+f, ret+b
 		}
 	}

@@ -346,6 +346,7 @@ func (s *Server) endSession(sess *session, st State, reason string, tellPeer boo
 			Token: hex.EncodeToString(sess.token[:]), Reason: reason})
 	}
 	s.sessions.release(sess)
+	s.metrics.sessionEnded(st)
 	if st != StateFinished {
 		s.log.Warn("session ended", "session", sess.idString(), "state", st, "reason", reason)
 	}

@@ -68,6 +68,10 @@ type Config struct {
 	// OnRefused, when set, is called once for every incoming stream refused by
 	// this package (malformed, timed out, unauthorized) before the owner sees it.
 	OnRefused func(Reason)
+	// OnHandshake, when set, is called for every TLS or QUIC handshake that
+	// succeeds, with the transport, "in" or "out", and how long it took (-1
+	// when not known: quic-go completes incoming handshakes by itself).
+	OnHandshake func(t Transport, direction string, took time.Duration)
 }
 
 // ErrNoTLS is returned when a Config lacks its TLS settings.
@@ -109,6 +113,9 @@ func (c *Config) withDefaults() (*Config, error) {
 	}
 	if out.OnRefused == nil {
 		out.OnRefused = func(Reason) {}
+	}
+	if out.OnHandshake == nil {
+		out.OnHandshake = func(Transport, string, time.Duration) {}
 	}
 	return &out, nil
 }

@@ -116,10 +116,12 @@ func (d *Dialer) handshake(ctx context.Context, c net.Conn, addr string) (*tls.C
 	tc := tls.Client(c, d.cfg.clientTLS(host))
 	hctx, cancel := context.WithTimeout(ctx, d.cfg.HandshakeTimeout)
 	defer cancel()
+	start := time.Now()
 	if err := tc.HandshakeContext(hctx); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("tls handshake with %s: %w", addr, err)
 	}
+	d.cfg.OnHandshake(TLS, "out", time.Since(start))
 	if p := tc.ConnectionState().NegotiatedProtocol; p != ALPN {
 		c.Close()
 		return nil, fmt.Errorf("tls handshake with %s: peer speaks %q, want %q", addr, p, ALPN)
@@ -336,10 +338,12 @@ func (d *Dialer) dialQUIC(ctx context.Context, tr *quic.Transport, addr string) 
 	}
 	dctx, cancel := context.WithTimeout(ctx, d.cfg.DialTimeout+d.cfg.HandshakeTimeout)
 	defer cancel()
+	start := time.Now()
 	conn, err := tr.Dial(dctx, udpAddr, d.cfg.clientTLS(host), quicConfig(d.cfg))
 	if err != nil {
 		return nil, fmt.Errorf("quic handshake with %s: %w", addr, err)
 	}
+	d.cfg.OnHandshake(QUIC, "out", time.Since(start))
 	return conn, nil
 }
 

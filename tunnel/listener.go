@@ -258,10 +258,12 @@ func (l *Listener) handshakeTCP(c *net.TCPConn) {
 func (l *Listener) handshakeTLS(pc *peekedConn) (*Incoming, error) {
 	tc := tls.Server(pc, l.tls)
 	s := &tlsStream{Conn: tc}
+	start := time.Now()
 	if err := tc.HandshakeContext(l.ctx); err != nil {
 		pc.Close()
 		return nil, &RefusedError{Reason: ReasonHandshake, Detail: err.Error()}
 	}
+	l.cfg.OnHandshake(TLS, "in", time.Since(start))
 	cs := tc.ConnectionState()
 	peer := peerName(cs)
 	var buf [MaxHeaderLen]byte
@@ -319,6 +321,9 @@ func (l *Listener) acceptQUIC() {
 		if err != nil {
 			return // closed
 		}
+		// quic-go completed the handshake before Accept returned; the time
+		// it took is not exposed: -1 says so.
+		l.cfg.OnHandshake(QUIC, "in", -1)
 		l.wg.Add(1)
 		go l.serveQUICConn(conn)
 	}

@@ -51,6 +51,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long streams in flight may go on before they are aborted")
 	control := fs.String("control", "", "the local control endpoint, a UNIX socket (mode 0600): unix:PATH (default: none)")
 	controlListen := fs.String("control-listen", "", "also serve the control endpoint on TCP HOST:PORT; it has no authentication, keep it on loopback (default: off)")
+	metricsListen := fs.String("metrics-listen", "", "also serve Prometheus metrics on http://HOST:PORT/metrics (default: off; the control endpoint serves /metrics too)")
 	socketDir := fs.String("socket-dir", "", "directory of the sessions' UNIX sockets: the source's listeners, the destination's CHANNEL=session routes (default $TMPDIR/migtun)")
 	sessionTTL := fs.Duration("session-ttl", proxy.DefaultSessionTTL, "a prepared session that sees no stream in this time expires")
 	maxSessions := fs.Int("max-sessions", proxy.DefaultMaxSessions, "sessions open at once, at most")
@@ -133,6 +134,14 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 			log.Warn("the control endpoint listens beyond loopback without authentication", "addr", addr.String())
 		}
 		controls = append(controls, "tcp:"+addr.String())
+	}
+	if *metricsListen != "" {
+		addr, err := srv.ListenMetrics(*metricsListen)
+		if err != nil {
+			srv.Close()
+			return fmt.Errorf("serve: --metrics-listen: %w", err)
+		}
+		log.Info("serving metrics", "addr", "http://"+addr.String()+"/metrics")
 	}
 	if *plaintext {
 		log.Warn("plaintext allowed: migration bytes of plain streams cross the network unencrypted")

@@ -38,6 +38,8 @@ func Start(bin string, wrap []string, logPath string, args ...string) (*Proc, er
 	argv := append(append([]string{}, wrap...), bin)
 	argv = append(argv, args...)
 	p := &Proc{cmd: exec.Command(argv[0], argv[1:]...), wrapped: len(wrap) > 0, LogPath: logPath, exited: make(chan struct{})}
+	// If the test or demo dies, its sidecars die with it.
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	logf, err := os.Create(logPath)
 	if err != nil {
 		return nil, err

@@ -1,0 +1,197 @@
+package proxy
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/migtun/migtun/internal/leaktest"
+	"github.com/migtun/migtun/internal/testpki"
+	"github.com/migtun/migtun/tunnel"
+)
+
+// metricsPair starts a destination routing "main" to a sink that reads
+// everything and answers "ok", and a source forwarding a UNIX socket to it.
+func metricsPair(t *testing.T) (src, dst *Server, fwd string) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "pm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	sink := filepath.Join(dir, "sink.sock")
+	ln, err := net.Listen("unix", sink)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			io.Copy(io.Discard, c)
+			io.WriteString(c, "ok")
+			c.Close()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); <-done })
+	ca := testpki.NewCA(t)
+	tcfg := func(name string) *tunnel.Config {
+		h := ca.NewHost(t, name)
+		return &tunnel.Config{ServerTLS: h.Server, ClientTLS: h.Client}
+	}
+	dst, err = New(Config{Listen: "127.0.0.1:0", Tunnel: tcfg("dst"), SocketDir: filepath.Join(dir, "d"),
+		Routes: []Route{{Channel: "main", Target: Endpoint{Network: "unix", Address: sink}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dst.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dst.Close() })
+	fwd = filepath.Join(dir, "fwd.sock")
+	src, err = New(Config{Listen: "127.0.0.1:0", Tunnel: tcfg("src"), SocketDir: filepath.Join(dir, "s"),
+		Forwards: []Forward{{Listen: Endpoint{Network: "unix", Address: fwd}, Peer: dst.Addr().String(), Channel: "main"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { src.Close() })
+	return src, dst, fwd
+}
+
+// send writes n bytes to the socket at path, half-closes, and reads the
+// answer to its end.
+func sendThrough(t *testing.T, path string, n int) {
+	t.Helper()
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := io.CopyN(c, zeroes{}, int64(n)); err != nil {
+		t.Fatal(err)
+	}
+	c.(*net.UnixConn).CloseWrite()
+	if b, err := io.ReadAll(c); err != nil || string(b) != "ok" {
+		t.Fatalf("answer %q, %v", b, err)
+	}
+}
+
+type zeroes struct{}
+
+func (zeroes) Read(p []byte) (int, error) { clear(p); return len(p), nil }
+
+// waitIdle waits until the server relays nothing.
+func waitIdle(t *testing.T, s *Server) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		s.mu.Lock()
+		n := len(s.relays)
+		s.mu.Unlock()
+		if n == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d relays still running", n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestMetricsLint(t *testing.T) {
+	leaktest.Check(t)
+	src, dst, fwd := metricsPair(t)
+	sendThrough(t, fwd, 1000)
+	for _, s := range []*Server{src, dst} {
+		problems, err := testutil.GatherAndLint(s.metrics.reg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range problems {
+			t.Errorf("metric %s: %s", p.Metric, p.Text)
+		}
+	}
+}
+
+// TestMetricsGolden compares the exposition of the stable metrics on both
+// hosts after two streams of known size with a golden text.
+func TestMetricsGolden(t *testing.T) {
+	leaktest.Check(t)
+	src, dst, fwd := metricsPair(t)
+	sendThrough(t, fwd, 1<<20)
+	sendThrough(t, fwd, 4096)
+	waitIdle(t, src)
+	waitIdle(t, dst)
+	names := []string{"migtun_stream_bytes_total", "migtun_streams_total", "migtun_streams_active",
+		"migtun_sessions_active", "migtun_peer_connections_total"}
+	for host, s := range map[string]*Server{"src": src, "dst": dst} {
+		want, err := os.ReadFile(filepath.Join("testdata", "metrics-"+host+".golden"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := testutil.GatherAndCompare(s.metrics.reg, strings.NewReader(string(want)), names...); err != nil {
+			t.Errorf("%s: %v", host, err)
+		}
+	}
+}
+
+// TestMetricsSessionSeries checks that per-session series exist while a
+// session is open, on both hosts, and are gone after finish; and that
+// /metrics is served by the control endpoint.
+func TestMetricsSessionSeries(t *testing.T) {
+	leaktest.Check(t)
+	src, dst, _ := metricsPair(t)
+	info, err := src.Prepare(context.Background(), PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sendThrough(t, strings.TrimPrefix(info.Channels[0].URI, "unix:"), 5000)
+	scrape := func(s *Server) string {
+		rec := httptest.NewRecorder()
+		s.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+		return rec.Body.String()
+	}
+	series := `migtun_session_bytes_total{channel="main",direction="forward",session="` + info.ID + `"} 5000`
+	for _, s := range []*Server{src, dst} {
+		if body := scrape(s); !strings.Contains(body, series) {
+			t.Fatalf("open session: %q missing from\n%s", series, grep(body, "migtun_session"))
+		}
+	}
+	if _, err := src.Finish(context.Background(), info.ID, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []*Server{src, dst} {
+		body := scrape(s)
+		if strings.Contains(body, info.ID) {
+			t.Fatalf("series of a finished session remain:\n%s", grep(body, info.ID))
+		}
+		if !strings.Contains(body, `migtun_sessions_total{result="finished"} 1`) {
+			t.Fatalf("finished session not counted:\n%s", grep(body, "migtun_sessions"))
+		}
+	}
+}
+
+func grep(body, s string) string {
+	var out []string
+	for _, l := range strings.Split(body, "\n") {
+		if strings.Contains(l, s) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
