@@ -155,7 +155,8 @@ func (d *Dialer) exchange(ctx context.Context, s Stream, wire []byte) (reply, er
 	return r, nil
 }
 
-func (d *Dialer) openTLS(ctx context.Context, addr string, wire []byte) (Stream, error) {
+// dialTLS connects to addr and runs the TLS handshake.
+func (d *Dialer) dialTLS(ctx context.Context, addr string) (*tlsStream, error) {
 	c, err := d.dialTCP(ctx, addr)
 	if err != nil {
 		return nil, err
@@ -164,7 +165,14 @@ func (d *Dialer) openTLS(ctx context.Context, addr string, wire []byte) (Stream,
 	if err != nil {
 		return nil, err
 	}
-	s := &tlsStream{Conn: tc}
+	return &tlsStream{Conn: tc}, nil
+}
+
+func (d *Dialer) openTLS(ctx context.Context, addr string, wire []byte) (Stream, error) {
+	s, err := d.dialTLS(ctx, addr)
+	if err != nil {
+		return nil, err
+	}
 	if _, err := d.exchange(ctx, s, wire); err != nil {
 		s.Abort()
 		return nil, err
@@ -205,15 +213,10 @@ func (d *Dialer) plainKey(ctx context.Context, addr string) (*clientKey, error) 
 	if k != nil {
 		return k, nil
 	}
-	c, err := d.dialTCP(ctx, addr)
+	s, err := d.dialTLS(ctx, addr)
 	if err != nil {
 		return nil, err
 	}
-	tc, err := d.handshake(ctx, c, addr)
-	if err != nil {
-		return nil, err
-	}
-	s := &tlsStream{Conn: tc}
 	defer s.Close()
 	h := Header{Kind: KindPlainKey, Channel: "plain-key"}
 	wire, _ := h.AppendBinary(nil)
@@ -225,7 +228,7 @@ func (d *Dialer) plainKey(ctx context.Context, addr string) (*clientKey, error) 
 		return nil, fmt.Errorf("agreeing on a plain key with %s: key ID of %d bytes", addr, len(r.payload))
 	}
 	k = &clientKey{id: plainKeyID(r.payload)}
-	if k.key, err = exportPlainKey(tc.ConnectionState(), k.id); err != nil {
+	if k.key, err = exportPlainKey(s.ConnectionState(), k.id); err != nil {
 		return nil, err
 	}
 	d.mu.Lock()
