@@ -1,6 +1,6 @@
 # migtun: two commands on a fresh machine.
 #   make demo   a real QEMU live migration with storage through two migtun processes
-#   make test   vet, unit tests with -race, fuzz seed corpora, real-QEMU end-to-end tests
+#   make test   vet, unit tests with -race, fuzz seed corpora, real-QEMU end-to-end tests, a brief benchmark run
 
 GO       ?= go
 FUZZTIME ?= 60s
@@ -21,7 +21,7 @@ deps:
 demo: deps build
 	$(GO) run ./internal/demo --migtun $(BIN)
 
-test: deps vet unit
+test: deps vet unit bench-smoke
 
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
@@ -31,6 +31,10 @@ vet:
 # end-to-end tests, which build bin/migtun themselves and run real QEMU.
 unit:
 	$(GO) test -race -shuffle=on -timeout 20m ./...
+
+# The Go benchmarks, once each and briefly, so they do not rot.
+bench-smoke:
+	$(GO) test -run '^$$' -bench . -benchtime 1x ./bench/ ./proxy/
 
 # Each fuzz target for FUZZTIME.
 fuzz:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what migtun's demo and tests need on a Debian machine: QEMU (to
 # migrate real VMs), strace (to show splice(2) at work) and socat (a
-# baseline relay). Go modules are fetched by the go command itself.
+# baseline relay), stunnel (the OpenSSL baseline of migtun bench). Go modules are fetched by the go command itself.
 set -euo pipefail
 
 need=()
@@ -9,6 +9,7 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v strace >/dev/null || need+=(strace)
 command -v socat >/dev/null || need+=(socat)
+command -v stunnel >/dev/null || command -v stunnel4 >/dev/null || need+=(stunnel4)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

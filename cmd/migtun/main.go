@@ -10,6 +10,7 @@
 //	migtun session prepare --control unix:PATH --peer HOST:PORT --channel NAME [--channel NAME]...
 //	migtun session show|finish|abort --control unix:PATH ID
 //	migtun session list --control unix:PATH
+//	migtun bench [--transport tls,quic,plain] [--streams 1,4] [--size 4GiB] [--json] [--svg FILE]
 //	migtun version
 //
 // Run "migtun COMMAND --help" for the flags of a command.
@@ -54,6 +55,7 @@ Usage:
   migtun certs issue --dir DIR --name NAME ...  issue a host certificate
   migtun serve ...                              run the sidecar
   migtun session prepare|show|list|finish|abort manage migration sessions
+  migtun bench ...                              measure throughput and CPU per path
   migtun version                                print the version
 
 Run "migtun COMMAND --help" for the flags of a command.
@@ -72,6 +74,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return runServe(args[1:], stdout, stderr)
 	case "session":
 		return runSession(args[1:], stdout, stderr)
+	case "bench":
+		return runBench(args[1:], stdout, stderr)
 	case "version", "--version", "-version":
 		fmt.Fprintln(stdout, "migtun", versionString())
 		return nil

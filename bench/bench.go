@@ -1,0 +1,397 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Baseline names, in the order they run.
+const (
+	Direct      = "direct"
+	GoTLSRelay  = "go-tls-relay"
+	QUICGoNaive = "quic-go-naive"
+	Socat       = "socat"
+	Stunnel     = "stunnel"
+)
+
+// AllBaselines lists every baseline, in the order they run.
+var AllBaselines = []string{Direct, GoTLSRelay, QUICGoNaive, Socat, Stunnel}
+
+// Transports lists the migtun transports a run may measure.
+var Transports = []string{"tls", "quic", "plain"}
+
+// DefaultSize is the volume pushed through each path when Config.Size is 0.
+const DefaultSize = 4 << 30
+
+// DefaultStall is how long a path may move no byte before it is declared
+// failed, when Config.Stall is 0.
+const DefaultStall = 30 * time.Second
+
+// Config says what a run measures. The zero value of every field but
+// Migtun is a useful default.
+type Config struct {
+	// Migtun is the migtun binary: it runs the migtun paths and the Go
+	// relay helpers ("migtun bench --internal-relay"). Required unless
+	// only the direct and socat/stunnel baselines are asked for.
+	Migtun string
+	// Transports are the migtun transports to measure: tls, quic, plain.
+	Transports []string
+	// Streams are the stream counts to measure each transport with
+	// (default 1).
+	Streams []int
+	// Baselines are the baseline paths to measure, see AllBaselines. They
+	// run with one stream.
+	Baselines []string
+	// Size is the volume pushed through each path, in bytes (default
+	// DefaultSize).
+	Size int64
+	// Dir is where the run's sockets, certificates and logs go; a fresh
+	// temporary directory, removed at the end, when empty.
+	Dir string
+	// Stall fails a path that moves no byte for this long (default
+	// DefaultStall).
+	Stall time.Duration
+	// Progress, when set, is called about every 250ms while a path runs,
+	// and once when it ends.
+	Progress func(Progress)
+}
+
+// Progress is the state of the path being measured.
+type Progress struct {
+	Path    string
+	Index   int // 1-based position of the path in the run
+	Total   int // paths in the run
+	Bytes   int64
+	Size    int64
+	Elapsed time.Duration
+	Done    bool
+}
+
+// Result is the measurement of one path.
+type Result struct {
+	Path      string `json:"path"`
+	Baseline  bool   `json:"baseline"`
+	Transport string `json:"transport,omitempty"`
+	Streams   int    `json:"streams"`
+	// Sent is the bytes the sender wrote; Bytes the bytes counted at the
+	// sink. They differ only when a path lost or invented bytes, which is
+	// reported in Err.
+	Sent    int64   `json:"bytes_sent"`
+	Bytes   int64   `json:"bytes_received"`
+	Seconds float64 `json:"seconds"`
+	// MBps is Bytes/Seconds in 10^6 bytes per second.
+	MBps float64 `json:"mb_per_s"`
+	// CPUSeconds is the CPU time of every process of the path, the
+	// in-process load generator (sender and sink) included.
+	CPUSeconds float64 `json:"cpu_seconds"`
+	// RelayCPUSeconds is the CPU time of the path's own processes only
+	// (the two hops), without the load generator; 0 for direct.
+	RelayCPUSeconds float64 `json:"relay_cpu_seconds"`
+	// CPUPerGB and RelayCPUPerGB are the same per 10^9 bytes moved.
+	CPUPerGB      float64 `json:"cpu_s_per_gb"`
+	RelayCPUPerGB float64 `json:"relay_cpu_s_per_gb"`
+	// Skipped says why the path was not measured (a tool not installed).
+	Skipped string `json:"skipped,omitempty"`
+	// Err says why the measurement failed.
+	Err string `json:"error,omitempty"`
+}
+
+// OK reports whether r holds a measurement.
+func (r Result) OK() bool { return r.Skipped == "" && r.Err == "" && r.Seconds > 0 }
+
+// path is one thing to measure.
+type path struct {
+	name      string
+	baseline  bool
+	transport string
+	streams   int
+	skip      string
+	// setup starts the path's processes; bytes written to entry must come
+	// out at env.sink.
+	setup func(env *env) (entry string, procs []*proc, err error)
+}
+
+// env is what a path's setup works with.
+type env struct {
+	cfg  *Config
+	dir  string // this path's directory
+	sink string // the sink's socket
+	pki  func() (*pki, error)
+}
+
+// ConfigError is a bad Config field; Field names it as the flag of
+// "migtun bench" does (transport, streams, baselines, size).
+type ConfigError struct {
+	Field string
+	Msg   string
+}
+
+func (e *ConfigError) Error() string { return e.Field + ": " + e.Msg }
+
+// Validate checks cfg and returns a *ConfigError for the first bad field.
+func (cfg *Config) Validate() error {
+	for _, t := range cfg.Transports {
+		if !slices.Contains(Transports, t) {
+			return &ConfigError{"transport", fmt.Sprintf("%q: want tls, quic or plain", t)}
+		}
+	}
+	for _, n := range cfg.Streams {
+		if n < 1 || n > 256 {
+			return &ConfigError{"streams", fmt.Sprintf("%d: want 1 to 256", n)}
+		}
+	}
+	for _, b := range cfg.Baselines {
+		if !slices.Contains(AllBaselines, b) {
+			return &ConfigError{"baselines", fmt.Sprintf("%q: want one of %v", b, AllBaselines)}
+		}
+	}
+	if cfg.Size < 0 {
+		return &ConfigError{"size", fmt.Sprintf("%d: want a positive volume", cfg.Size)}
+	}
+	if len(cfg.Transports) == 0 && len(cfg.Baselines) == 0 {
+		return &ConfigError{"transport", "and --baselines are both empty: nothing to measure"}
+	}
+	return nil
+}
+
+// plan lists the paths of a run in order: baselines first, then each
+// transport with each stream count.
+func (cfg *Config) plan() []path {
+	var ps []path
+	for _, b := range AllBaselines {
+		if slices.Contains(cfg.Baselines, b) {
+			ps = append(ps, baselinePath(b))
+		}
+	}
+	streams := cfg.Streams
+	if len(streams) == 0 {
+		streams = []int{1}
+	}
+	for _, t := range cfg.Transports {
+		for _, n := range streams {
+			ps = append(ps, migtunPath(t, n))
+		}
+	}
+	return ps
+}
+
+// Run measures every path cfg asks for, one after the other, and returns
+// one Result per path. A path that fails or is skipped says so in its
+// Result; Run returns an error only for a bad Config, a cancelled ctx or a
+// run directory it cannot make.
+func Run(ctx context.Context, cfg Config) ([]Result, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.Size == 0 {
+		cfg.Size = DefaultSize
+	}
+	if cfg.Stall == 0 {
+		cfg.Stall = DefaultStall
+	}
+	dir := cfg.Dir
+	if dir == "" {
+		d, err := os.MkdirTemp("", "migtun-bench-")
+		if err != nil {
+			return nil, err
+		}
+		defer os.RemoveAll(d)
+		dir = d
+	}
+	var (
+		pkiOnce sync.Once
+		thePKI  *pki
+		pkiErr  error
+	)
+	getPKI := func() (*pki, error) {
+		pkiOnce.Do(func() { thePKI, pkiErr = makePKI(cfg.Migtun, filepath.Join(dir, "pki")) })
+		return thePKI, pkiErr
+	}
+	paths := cfg.plan()
+	var results []Result
+	for i, p := range paths {
+		if err := ctx.Err(); err != nil {
+			return results, err
+		}
+		pdir := filepath.Join(dir, strconv.Itoa(i))
+		if err := os.MkdirAll(pdir, 0o700); err != nil {
+			return results, err
+		}
+		r := measure(ctx, &cfg, p, &env{cfg: &cfg, dir: pdir, sink: filepath.Join(pdir, "sink.sock"), pki: getPKI}, i+1, len(paths))
+		results = append(results, r)
+	}
+	return results, ctx.Err()
+}
+
+// measure runs one path.
+func measure(ctx context.Context, cfg *Config, p path, e *env, index, total int) (res Result) {
+	res = Result{Path: p.name, Baseline: p.baseline, Transport: p.transport, Streams: p.streams}
+	if p.skip != "" {
+		res.Skipped = p.skip
+		return res
+	}
+	sk, err := newSink(e.sink, cfg.Size)
+	if err != nil {
+		res.Err = err.Error()
+		return res
+	}
+	defer sk.close()
+	entry, procs, err := p.setup(e)
+	defer func() {
+		for _, pr := range procs {
+			pr.stop(5 * time.Second)
+		}
+	}()
+	if err != nil {
+		res.Err = err.Error()
+		return res
+	}
+	report := func(done bool, elapsed time.Duration) {
+		if cfg.Progress != nil {
+			cfg.Progress(Progress{Path: p.name, Index: index, Total: total, Bytes: sk.bytes.Load(),
+				Size: cfg.Size, Elapsed: elapsed, Done: done})
+		}
+	}
+	pathCPU := func() time.Duration {
+		var sum time.Duration
+		for _, pr := range procs {
+			sum += pr.cpu()
+		}
+		return sum
+	}
+
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	relay0, self0 := pathCPU(), selfCPU()
+	start := time.Now()
+	var sent atomic.Int64
+	senderDone := make(chan error, 1)
+	go func() { senderDone <- send(sctx, entry, p.streams, cfg.Size, &sent, sk.full) }()
+
+	tick := time.NewTicker(250 * time.Millisecond)
+	defer tick.Stop()
+	var (
+		sendErr   error
+		sendEnded bool
+		lastBytes int64
+		lastMove  = start
+	)
+	for sk.bytes.Load() < cfg.Size {
+		select {
+		case <-ctx.Done():
+			cancel()
+			if !sendEnded {
+				<-senderDone
+			}
+			res.Err = ctx.Err().Error()
+			return res
+		case sendErr = <-senderDone:
+			sendEnded = true
+			senderDone = nil
+			if sendErr != nil {
+				res.Err = sendErr.Error()
+				return res
+			}
+		case now := <-tick.C:
+			b := sk.bytes.Load()
+			if b != lastBytes {
+				lastBytes, lastMove = b, now
+			} else if now.Sub(lastMove) > cfg.Stall {
+				cancel()
+				if !sendEnded {
+					<-senderDone
+				}
+				res.Err = fmt.Sprintf("stalled: %d of %d bytes at the sink, none for %s%s", b, cfg.Size, cfg.Stall, procTails(procs))
+				return res
+			}
+			report(false, now.Sub(start))
+		case <-sk.full:
+		}
+		if err := sk.firstErr(); err != nil {
+			res.Err = err.Error()
+			return res
+		}
+	}
+	// The sink has counted the last byte: the transfer is over.
+	relay1, self1 := pathCPU(), selfCPU()
+	wall := sk.fullAt().Sub(start)
+	if !sendEnded {
+		sendErr = <-senderDone
+	}
+	// Give a path that would invent bytes a moment to show it.
+	time.Sleep(50 * time.Millisecond)
+	report(true, wall)
+
+	res.Sent = sent.Load()
+	res.Bytes = sk.bytes.Load()
+	res.Seconds = wall.Seconds()
+	res.RelayCPUSeconds = (relay1 - relay0).Seconds()
+	res.CPUSeconds = res.RelayCPUSeconds + (self1 - self0).Seconds()
+	if res.Seconds > 0 {
+		res.MBps = float64(res.Bytes) / 1e6 / res.Seconds
+	}
+	if res.Bytes > 0 {
+		gb := float64(res.Bytes) / 1e9
+		res.CPUPerGB = res.CPUSeconds / gb
+		res.RelayCPUPerGB = res.RelayCPUSeconds / gb
+	}
+	switch {
+	case sendErr != nil:
+		res.Err = sendErr.Error()
+	case res.Sent != res.Bytes:
+		res.Err = fmt.Sprintf("sent %d bytes but the sink counted %d", res.Sent, res.Bytes)
+	}
+	return res
+}
+
+// procTails returns the last log lines of each process, for an error.
+func procTails(procs []*proc) string {
+	var s string
+	for _, p := range procs {
+		s += "\n--- " + p.name + ":\n" + p.tail(5)
+	}
+	return s
+}
+
+// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// pki is the certificate directory of a run, made with "migtun certs".
+type pki struct {
+	ca, cert, key   string // the destination host's (dst) certificate
+	srcCert, srcKey string
+}
+
+func makePKI(migtun, dir string) (*pki, error) {
+	if migtun == "" {
+		return nil, errors.New("no migtun binary given (Config.Migtun)")
+	}
+	for _, args := range [][]string{
+		{"certs", "init", "--dir", dir},
+		{"certs", "issue", "--dir", dir, "--name", "dst", "--san", "127.0.0.1"},
+		{"certs", "issue", "--dir", dir, "--name", "src", "--san", "127.0.0.1"},
+	} {
+		if out, err := exec.Command(migtun, args...).CombinedOutput(); err != nil {
+			return nil, fmt.Errorf("migtun %v: %v: %s", args, err, out)
+		}
+	}
+	j := func(n string) string { return filepath.Join(dir, n) }
+	return &pki{ca: j("ca.crt"), cert: j("dst.crt"), key: j("dst.key"), srcCert: j("src.crt"), srcKey: j("src.key")}, nil
+}

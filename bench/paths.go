@@ -1,0 +1,200 @@
+package bench
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"time"
+)
+
+// readyTimeout bounds the start of each helper process.
+const readyTimeout = 30 * time.Second
+
+// serveReady matches the ready line of "migtun serve".
+var serveReady = regexp.MustCompile(`ready: listening on (\S+) `)
+
+// relayReady matches the ready line of ServeRelay.
+var relayReady = regexp.MustCompile(`relay ready: listening on (\S+)`)
+
+// migtunPath is two "migtun serve" processes: the destination routes the
+// channel "bench" to the sink, the source forwards a local socket to it.
+func migtunPath(transport string, streams int) path {
+	return path{
+		name: fmt.Sprintf("migtun/%s/%d", transport, streams), transport: transport, streams: streams,
+		setup: func(e *env) (string, []*proc, error) {
+			k, err := e.pki()
+			if err != nil {
+				return "", nil, err
+			}
+			entry := filepath.Join(e.dir, "src.sock")
+			var extra []string
+			if transport == "plain" {
+				extra = []string{"--insecure-plaintext"}
+			}
+			args := func(name, cert, key string, more ...string) []string {
+				a := []string{e.cfg.Migtun, "serve", "--listen", "127.0.0.1:0", "--transport", transport,
+					"--cert", cert, "--key", key, "--ca", k.ca, "--log-level", "warn"}
+				return append(append(a, extra...), more...)
+			}
+			dst, err := startProc(e.dir, "migtun-dst", serveReady, args("dst", k.cert, k.key, "--route", "bench=unix:"+e.sink)...)
+			if err != nil {
+				return "", nil, err
+			}
+			procs := []*proc{dst}
+			addr, err := dst.waitReady(readyTimeout)
+			if err != nil {
+				return "", procs, err
+			}
+			src, err := startProc(e.dir, "migtun-src", serveReady,
+				args("src", k.srcCert, k.srcKey, "--forward", "unix:"+entry+"="+addr+"/bench")...)
+			if err != nil {
+				return "", procs, err
+			}
+			procs = append(procs, src)
+			_, err = src.waitReady(readyTimeout)
+			return entry, procs, err
+		},
+	}
+}
+
+// baselinePath returns the baseline called name.
+func baselinePath(name string) path {
+	p := path{name: name, baseline: true, streams: 1}
+	switch name {
+	case Direct:
+		p.setup = func(e *env) (string, []*proc, error) { return e.sink, nil, nil }
+	case GoTLSRelay:
+		p.setup = func(e *env) (string, []*proc, error) { return goRelayPath(e, "tls") }
+	case QUICGoNaive:
+		p.setup = func(e *env) (string, []*proc, error) { return goRelayPath(e, "quic") }
+	case Socat:
+		if _, err := exec.LookPath("socat"); err != nil {
+			p.skip = "socat is not installed (apt-get install socat)"
+		}
+		p.setup = socatPath
+	case Stunnel:
+		if stunnelBinary() == "" {
+			p.skip = "stunnel is not installed (apt-get install stunnel4)"
+		}
+		p.setup = stunnelPath
+	}
+	return p
+}
+
+// goRelayPath is two "migtun bench --internal-relay" hops: unix → client
+// hop → tls or quic over loopback → server hop → unix.
+func goRelayPath(e *env, proto string) (string, []*proc, error) {
+	k, err := e.pki()
+	if err != nil {
+		return "", nil, err
+	}
+	entry := filepath.Join(e.dir, "src.sock")
+	netw := "tcp"
+	if proto == "quic" {
+		netw = "udp"
+	}
+	common := []string{"--cert", k.cert, "--key", k.key, "--ca", k.ca}
+	server, err := startProc(e.dir, proto+"-server", relayReady, append([]string{e.cfg.Migtun, "bench", "--internal-relay", proto + "-server",
+		"--listen", netw + ":127.0.0.1:0", "--connect", "unix:" + e.sink}, common...)...)
+	if err != nil {
+		return "", nil, err
+	}
+	procs := []*proc{server}
+	addr, err := server.waitReady(readyTimeout)
+	if err != nil {
+		return "", procs, err
+	}
+	client, err := startProc(e.dir, proto+"-client", relayReady, append([]string{e.cfg.Migtun, "bench", "--internal-relay", proto + "-client",
+		"--listen", "unix:" + entry, "--connect", addr}, common...)...)
+	if err != nil {
+		return "", procs, err
+	}
+	procs = append(procs, client)
+	_, err = client.waitReady(readyTimeout)
+	return entry, procs, err
+}
+
+// socatPath is two socat hops with 1 MiB buffers: unix → tcp → unix.
+func socatPath(e *env) (string, []*proc, error) {
+	port, err := freePort()
+	if err != nil {
+		return "", nil, err
+	}
+	entry := filepath.Join(e.dir, "src.sock")
+	server, err := startProc(e.dir, "socat-server", nil, "socat", "-b", "1048576",
+		fmt.Sprintf("TCP-LISTEN:%d,bind=127.0.0.1,reuseaddr,fork", port), "UNIX-CONNECT:"+e.sink)
+	if err != nil {
+		return "", nil, err
+	}
+	procs := []*proc{server}
+	if err := server.waitFor(readyTimeout, "listening TCP port", func() bool { return tcpListening(port) }); err != nil {
+		return "", procs, err
+	}
+	client, err := startProc(e.dir, "socat-client", nil, "socat", "-b", "1048576",
+		"UNIX-LISTEN:"+entry+",fork", fmt.Sprintf("TCP:127.0.0.1:%d", port))
+	if err != nil {
+		return "", procs, err
+	}
+	procs = append(procs, client)
+	err = client.waitFor(readyTimeout, "listening socket", func() bool { return exists(entry) })
+	return entry, procs, err
+}
+
+// stunnelBinary returns the stunnel command installed, or "".
+func stunnelBinary() string {
+	for _, b := range []string{"stunnel", "stunnel4"} {
+		if p, err := exec.LookPath(b); err == nil {
+			return p
+		}
+	}
+	return ""
+}
+
+// stunnelPath is an stunnel client hop and an stunnel server hop (TLS with
+// OpenSSL, stunnel's defaults): unix → TLS over tcp → unix.
+func stunnelPath(e *env) (string, []*proc, error) {
+	k, err := e.pki()
+	if err != nil {
+		return "", nil, err
+	}
+	port, err := freePort()
+	if err != nil {
+		return "", nil, err
+	}
+	entry := filepath.Join(e.dir, "src.sock")
+	serverConf := fmt.Sprintf("foreground = yes\npid =\n[bench]\naccept = 127.0.0.1:%d\nconnect = %s\ncert = %s\nkey = %s\n",
+		port, e.sink, k.cert, k.key)
+	clientConf := fmt.Sprintf("foreground = yes\npid =\n[bench]\nclient = yes\naccept = %s\nconnect = 127.0.0.1:%d\nCAfile = %s\nverifyChain = yes\n",
+		entry, port, k.ca)
+	write := func(name, conf string) (string, error) {
+		f := filepath.Join(e.dir, name)
+		return f, os.WriteFile(f, []byte(conf), 0o600)
+	}
+	sconf, err := write("stunnel-server.conf", serverConf)
+	if err != nil {
+		return "", nil, err
+	}
+	cconf, err := write("stunnel-client.conf", clientConf)
+	if err != nil {
+		return "", nil, err
+	}
+	bin := stunnelBinary()
+	server, err := startProc(e.dir, "stunnel-server", nil, bin, sconf)
+	if err != nil {
+		return "", nil, err
+	}
+	procs := []*proc{server}
+	if err := server.waitFor(readyTimeout, "listening TCP port "+strconv.Itoa(port), func() bool { return tcpListening(port) }); err != nil {
+		return "", procs, err
+	}
+	client, err := startProc(e.dir, "stunnel-client", nil, bin, cconf)
+	if err != nil {
+		return "", procs, err
+	}
+	procs = append(procs, client)
+	err = client.waitFor(readyTimeout, "listening socket", func() bool { return exists(entry) })
+	return entry, procs, err
+}

@@ -1,0 +1,167 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/migtun/migtun/bench"
+)
+
+const benchSynopsis = `bench [--transport tls,quic,plain] [--streams 1,4] [--size 4GiB]
+              [--baselines direct,go-tls-relay,quic-go-naive,socat,stunnel]
+              [--json] [--svg FILE] [--dir DIR]`
+
+// runBench measures the transports and the baselines through real migtun
+// processes and prints the table (or JSON).
+func runBench(args []string, stdout, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == "--internal-relay" {
+		return runBenchRelay(args, stdout, stderr)
+	}
+	fs := newFlagSet("bench", benchSynopsis, stderr)
+	transports := fs.String("transport", "tls,quic,plain", "comma-separated transports to measure: tls, quic, plain")
+	streams := fs.String("streams", "1,4", "comma-separated stream counts to measure each transport with")
+	size := fs.String("size", "4GiB", "volume pushed through each path (e.g. 512MiB, 4GiB)")
+	baselines := fs.String("baselines", strings.Join(bench.AllBaselines, ","),
+		"comma-separated baselines to measure beside migtun (socat and stunnel are skipped when not installed); \"none\" for none")
+	asJSON := fs.Bool("json", false, "print the results as JSON instead of a table")
+	svg := fs.String("svg", "", "also write a bar chart of the results to FILE (SVG)")
+	dir := fs.String("dir", "", "keep sockets, certificates and process logs in DIR (default: a temporary directory, removed)")
+	stall := fs.Duration("stall", bench.DefaultStall, "fail a path that moves no byte for this long")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	cfg := bench.Config{Transports: splitBenchList(*transports), Stall: *stall, Dir: *dir}
+	for _, s := range splitBenchList(*streams) {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 || n > 256 {
+			return fmt.Errorf("bench: --streams %q: want comma-separated counts from 1 to 256", *streams)
+		}
+		cfg.Streams = append(cfg.Streams, n)
+	}
+	if *baselines != "none" {
+		cfg.Baselines = splitBenchList(*baselines)
+	}
+	n, err := bench.ParseSize(*size)
+	if err != nil {
+		return fmt.Errorf("bench: --size: %w", err)
+	}
+	cfg.Size = n
+	if err := cfg.Validate(); err != nil {
+		var ce *bench.ConfigError
+		if errors.As(err, &ce) {
+			return fmt.Errorf("bench: --%s %s", ce.Field, ce.Msg)
+		}
+		return fmt.Errorf("bench: %w", err)
+	}
+	if *svg != "" { // fail before the run, not after it
+		f, err := os.OpenFile(*svg, os.O_WRONLY|os.O_CREATE, 0o644)
+		if err != nil {
+			return fmt.Errorf("bench: --svg: %w", err)
+		}
+		f.Close()
+	}
+	if cfg.Migtun, err = os.Executable(); err != nil {
+		return fmt.Errorf("bench: finding the migtun binary: %w", err)
+	}
+	cfg.Progress = benchProgress(stderr)
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	results, err := bench.Run(ctx, cfg)
+	if err != nil {
+		return fmt.Errorf("bench: %w", err)
+	}
+	rep := bench.NewReport(cfg.Size, results)
+	if *svg != "" {
+		f, err := os.Create(*svg)
+		if err == nil {
+			err = bench.WriteSVG(f, rep)
+			if cerr := f.Close(); err == nil {
+				err = cerr
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("bench: --svg: %w", err)
+		}
+	}
+	if *asJSON {
+		err = bench.WriteJSON(stdout, rep)
+	} else {
+		err = bench.WriteTable(stdout, rep)
+	}
+	if err != nil {
+		return err
+	}
+	for _, r := range results {
+		if r.Err != "" {
+			return errors.New("bench: some paths failed")
+		}
+	}
+	return nil
+}
+
+// benchProgress returns a Progress callback that redraws one line on w
+// when w is a terminal, and otherwise writes one line per path as it ends.
+func benchProgress(w io.Writer) func(bench.Progress) {
+	tty := false
+	if f, ok := w.(*os.File); ok {
+		if st, err := f.Stat(); err == nil && st.Mode()&os.ModeCharDevice != 0 {
+			tty = true
+		}
+	}
+	return func(p bench.Progress) {
+		if !tty {
+			if p.Done {
+				fmt.Fprintf(w, "[%d/%d] %s: %s in %s\n", p.Index, p.Total, p.Path, bench.FormatSize(p.Bytes), p.Elapsed.Round(time.Millisecond))
+			}
+			return
+		}
+		rate := 0.0
+		if s := p.Elapsed.Seconds(); s > 0 {
+			rate = float64(p.Bytes) / 1e6 / s
+		}
+		fmt.Fprintf(w, "\r\033[K[%d/%d] %-18s %5.1f%% of %s  %6.0f MB/s  %s", p.Index, p.Total, p.Path,
+			100*float64(p.Bytes)/float64(p.Size), bench.FormatSize(p.Size), rate, p.Elapsed.Round(100*time.Millisecond))
+		if p.Done {
+			fmt.Fprintln(w)
+		}
+	}
+}
+
+// splitBenchList splits a comma-separated flag value, dropping empty items.
+func splitBenchList(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// runBenchRelay runs one hop of a naive baseline relay; "migtun bench"
+// starts it as a helper process.
+func runBenchRelay(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("bench --internal-relay", "bench --internal-relay MODE --listen ADDR --connect ADDR --cert FILE --key FILE --ca FILE", stderr)
+	var cfg bench.RelayConfig
+	fs.StringVar(&cfg.Mode, "internal-relay", "", "tls-client, tls-server, quic-client or quic-server")
+	fs.StringVar(&cfg.Listen, "listen", "", "unix:PATH, tcp:HOST:PORT or udp:HOST:PORT")
+	fs.StringVar(&cfg.Connect, "connect", "", "unix:PATH, tcp:HOST:PORT or udp:HOST:PORT")
+	fs.StringVar(&cfg.Cert, "cert", "", "server certificate (PEM)")
+	fs.StringVar(&cfg.Key, "key", "", "server key (PEM)")
+	fs.StringVar(&cfg.CA, "ca", "", "CA that signed the server certificate (PEM)")
+	if err := parse(fs, args); err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	return bench.ServeRelay(ctx, cfg, stdout)
+}
