@@ -130,6 +130,7 @@ func (s *Server) Handler() http.Handler {
 		}
 		w.WriteHeader(http.StatusNoContent)
 	})
+	s.vmHandlers(mux)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, fmt.Errorf("%w: %s %s (see GET /v1/sessions, POST /v1/sessions, /healthz)", errNotFound, r.Method, r.URL.Path))
 	})

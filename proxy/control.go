@@ -44,6 +44,11 @@ type controlRequest struct {
 	Channels []string `json:"channels,omitempty"`
 	// Reason says why the source aborts.
 	Reason string `json:"reason,omitempty"`
+	// VM names a VM registered on the destination (vm-prepare, vm-finish,
+	// vm-abort); Prepare is what vm-prepare asks, Resume what vm-finish does.
+	VM      string     `json:"vm,omitempty"`
+	Prepare *VMPrepare `json:"prepare,omitempty"`
+	Resume  bool       `json:"resume,omitempty"`
 }
 
 // controlResponse is the peer's answer. Error is set on failure.
@@ -55,6 +60,9 @@ type controlResponse struct {
 	TTL     string `json:"ttl,omitempty"`
 	// Channels answers finish: the peer's view of each channel.
 	Channels []ChannelInfo `json:"channels,omitempty"`
+	// Prepared answers vm-prepare, Result vm-finish.
+	Prepared *VMPrepared `json:"prepared,omitempty"`
+	Result   *VMResult   `json:"result,omitempty"`
 }
 
 // writeMessage writes v as one length-prefixed JSON message.

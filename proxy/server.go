@@ -44,6 +44,9 @@ type Config struct {
 	FinishGrace time.Duration
 	// Logger receives the server's logs; nil discards.
 	Logger *slog.Logger
+	// VMs drives the VMs this host registered (serve --qmp), for peers'
+	// vm-prepare, vm-finish and vm-abort requests; nil: none.
+	VMs VMController
 }
 
 // Defaults of the session settings.

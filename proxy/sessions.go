@@ -341,6 +341,7 @@ func (s *Server) endSession(sess *session, st State, reason string, tellPeer boo
 	}
 	sess.abortRelays()
 	sess.wg.Wait()
+	s.vmSessionEnded(sess)
 	if tellPeer && sess.role == RoleSource {
 		s.tellPeer(sess.peer, controlRequest{Op: opAbort, Session: sess.idString(),
 			Token: hex.EncodeToString(sess.token[:]), Reason: reason})
@@ -368,7 +369,7 @@ func (r *sessions) handlePeer(s *Server, peer string, req controlRequest) contro
 	switch req.Op {
 	case opPrepare:
 		return s.preparePeer(peer, req)
-	case opFinish, opAbort:
+	case opFinish, opAbort, opVMPrepare, opVMFinish, opVMAbort:
 		sid, err := parseSessionID(req.Session)
 		if err != nil {
 			return controlResponse{Error: err.Error()}
@@ -377,6 +378,10 @@ func (r *sessions) handlePeer(s *Server, peer string, req controlRequest) contro
 		tok, terr := parseToken(req.Token)
 		if sess == nil || terr != nil || !sess.checkToken(tok) || sess.peer != peer || sess.role != RoleDestination {
 			return controlResponse{Error: "unknown session " + req.Session}
+		}
+		switch req.Op {
+		case opVMPrepare, opVMFinish, opVMAbort:
+			return s.handleVM(sess, req)
 		}
 		if req.Op == opAbort {
 			s.abortSession(sess, "aborted by the source: "+req.Reason, false)

@@ -10,6 +10,7 @@
 //	migtun session prepare --control unix:PATH --peer HOST:PORT --channel NAME [--channel NAME]...
 //	migtun session show|finish|abort --control unix:PATH ID
 //	migtun session list --control unix:PATH
+//	migtun migrate --control unix:PATH --peer HOST:PORT --qmp unix:SRC_QMP --dest-vm NAME [flags]
 //	migtun bench [--transport tls,quic,plain] [--streams 1,4] [--size 4GiB] [--json] [--svg FILE]
 //	migtun version
 //
@@ -55,6 +56,7 @@ Usage:
   migtun certs issue --dir DIR --name NAME ...  issue a host certificate
   migtun serve ...                              run the sidecar
   migtun session prepare|show|list|finish|abort manage migration sessions
+  migtun migrate ...                            live-migrate a QEMU VM, disks included, through a peer
   migtun bench ...                              measure throughput and CPU per path
   migtun version                                print the version
 
@@ -74,6 +76,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return runServe(args[1:], stdout, stderr)
 	case "session":
 		return runSession(args[1:], stdout, stderr)
+	case "migrate":
+		return runMigrate(args[1:], stdout, stderr)
 	case "bench":
 		return runBench(args[1:], stdout, stderr)
 	case "version", "--version", "-version":

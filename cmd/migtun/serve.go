@@ -9,11 +9,13 @@ import (
 	"log/slog"
 	"net"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/migtun/migtun/certs"
+	"github.com/migtun/migtun/migrate"
 	"github.com/migtun/migtun/proxy"
 	"github.com/migtun/migtun/tunnel"
 )
@@ -21,7 +23,8 @@ import (
 const serveSynopsis = `serve --listen HOST:PORT --transport tls|quic|plain --cert FILE --key FILE --ca FILE
               [--route CHANNEL=unix:PATH|tcp:HOST:PORT]...
               [--forward unix:PATH|tcp:HOST:PORT=PEERHOST:PORT/CHANNEL]...
-              [--insecure-plaintext] [--control unix:PATH] [--control-listen HOST:PORT]`
+              [--insecure-plaintext] [--control unix:PATH] [--control-listen HOST:PORT]
+              [--qmp NAME=unix:PATH]...`
 
 func runServe(args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("serve", serveSynopsis, stderr)
@@ -40,6 +43,17 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	fs.Func("forward", "listen locally and carry each connection to a peer's channel: unix:PATH=PEERHOST:PORT/CHANNEL or tcp:HOST:PORT=PEERHOST:PORT/CHANNEL (repeatable)", func(s string) error {
 		f, err := proxy.ParseForward(s)
 		forwards = append(forwards, f)
+		return err
+	})
+	vms := map[string]string{}
+	fs.Func("qmp", "a VM this host may drive for its peers' migrations: NAME=unix:PATH of its QMP socket (repeatable); main and nbd default to CHANNEL=session routes", func(s string) error {
+		name, path, err := migrate.ParseVM(s)
+		if err == nil {
+			if _, dup := vms[name]; dup {
+				return fmt.Errorf("VM %q given twice", name)
+			}
+			vms[name] = path
+		}
 		return err
 	})
 	var allowPeers listFlag
@@ -80,6 +94,16 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
+	var vmc proxy.VMController
+	if len(vms) > 0 {
+		vmc = migrate.NewController(vms, log)
+		// The VMs' QEMUs listen on sockets named after each session.
+		for _, ch := range []string{"main", "nbd"} {
+			if !slices.ContainsFunc(routes, func(r proxy.Route) bool { return r.Channel == ch }) {
+				routes = append(routes, proxy.Route{Channel: ch, Target: proxy.SessionSocket})
+			}
+		}
+	}
 	alpn := []string{tunnel.ALPN}
 	srv, err := proxy.New(proxy.Config{
 		Listen: *listen,
@@ -100,6 +124,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		MaxSessions: *maxSessions,
 		FinishGrace: *finishGrace,
 		Logger:      log,
+		VMs:         vmc,
 	})
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)

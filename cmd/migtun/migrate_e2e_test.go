@@ -1,0 +1,217 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/migtun/migtun/internal/sidecar"
+	"github.com/migtun/migtun/internal/vmtest"
+	"github.com/migtun/migtun/proxy"
+	"github.com/migtun/migtun/qmp"
+)
+
+// migrateRig is two migtun processes; the destination drives the VM "vm1"
+// through its QMP socket.
+type migrateRig struct {
+	dir            string
+	src, dst       *sidecar.Proc
+	srcCtl, dstCtl string
+	srcSocks       string
+	dstSocks       string
+	srcVM, dstVM   *vmtest.VM
+}
+
+func newMigrateRig(t *testing.T, ram, disk int64) *migrateRig {
+	requireTool(t, "qemu-system-x86_64")
+	r := &migrateRig{dir: shortTempDir(t)}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	r.srcVM, r.dstVM = startVMs(ctx, t, r.dir, ram, disk)
+	// migtun drives both QEMUs: the test lets go of their monitors.
+	r.srcVM.QMP.Close()
+	r.dstVM.QMP.Close()
+	ca := pki(t, "src", "dst")
+	r.srcCtl, r.dstCtl = "unix:"+filepath.Join(r.dir, "src.ctl"), "unix:"+filepath.Join(r.dir, "dst.ctl")
+	r.srcSocks, r.dstSocks = filepath.Join(r.dir, "ss"), filepath.Join(r.dir, "ds")
+	r.dst = startServe(t, ca, "dst", nil, "--control", r.dstCtl, "--socket-dir", r.dstSocks,
+		"--qmp", "vm1=unix:"+r.dstVM.QMPPath)
+	r.src = startServe(t, ca, "src", nil, "--control", r.srcCtl, "--socket-dir", r.srcSocks)
+	return r
+}
+
+// reconnect gives the test the VM's monitor back.
+func reconnect(t *testing.T, vm *vmtest.VM) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := qmp.Dial(ctx, vm.QMPPath)
+	if err != nil {
+		t.Fatalf("reconnecting to %s: %v", vm.QMPPath, err)
+	}
+	vm.QMP = c
+}
+
+// migrateCmd runs "migtun migrate" and returns its output.
+func (r *migrateRig) migrateCmd(ctx context.Context, extra ...string) (string, error) {
+	args := append([]string{"migrate", "--control", r.srcCtl, "--peer", r.dst.Addr, "--qmp", "unix:" + r.srcVM.QMPPath,
+		"--dest-vm", "vm1", "--timeout", "4m"}, extra...)
+	out, err := exec.CommandContext(ctx, migtunBin, args...).CombinedOutput()
+	return string(out), err
+}
+
+// checkClean fails if a session is open on either host or a session
+// socket is left.
+func (r *migrateRig) checkClean(t *testing.T) {
+	t.Helper()
+	for _, ctl := range []string{r.srcCtl, r.dstCtl} {
+		out, err := migtun(t, "session", "list", "--control", ctl)
+		if err != nil {
+			t.Fatalf("session list: %v\n%s", err, out)
+		}
+		var list []proxy.SessionInfo
+		json.Unmarshal([]byte(out), &list)
+		for _, s := range list {
+			if s.State == proxy.StatePrepared || s.State == proxy.StateActive || s.State == proxy.StateFinishing {
+				t.Errorf("%s: session %s still %s", ctl, s.ID, s.State)
+			}
+		}
+	}
+	for _, d := range []string{r.srcSocks, r.dstSocks} {
+		if left, _ := os.ReadDir(d); len(left) > 0 {
+			t.Errorf("%d session sockets left in %s: %v", len(left), d, left[0].Name())
+		}
+	}
+}
+
+// TestMigrateCommand moves a paused VM with a random disk and RAM with
+// "migtun migrate --copy-storage all --paused", single channel and with
+// multifd 4, and checks both images are identical.
+func TestMigrateCommand(t *testing.T) {
+	ram, disk := int64(vmtest.DefaultRAM), int64(vmtest.DefaultDisk)
+	if testing.Short() {
+		ram, disk = 128<<20, 64<<20
+	}
+	for _, tc := range []struct {
+		name  string
+		extra []string
+	}{{"single", nil}, {"multifd4", []string{"--multifd", "4", "--json"}}, {"postcopy", []string{"--postcopy", "--json"}}} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newMigrateRig(t, ram, disk)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+			defer cancel()
+			start := time.Now()
+			out, err := r.migrateCmd(ctx, append([]string{"--copy-storage", "all", "--paused"}, tc.extra...)...)
+			if err != nil {
+				t.Fatalf("migtun migrate: %v\n%s", err, out)
+			}
+			t.Logf("migtun migrate took %v; its output ends:\n%s", time.Since(start).Round(time.Millisecond), migTail(out, 8))
+			reconnect(t, r.srcVM)
+			reconnect(t, r.dstVM)
+			for _, vm := range []*vmtest.VM{r.srcVM, r.dstVM} {
+				st, err := vm.QMP.Status(ctx)
+				if err != nil || st == "running" {
+					t.Errorf("%s: status %q (%v), want paused", vm.Options.Name, st, err)
+				}
+			}
+			if err := vmtest.CompareImages(r.srcVM, r.dstVM); err != nil {
+				t.Fatal(err)
+			}
+			if tc.name == "postcopy" {
+				// The switch comes after the first pass; a paused guest may
+				// complete before QEMU reports it, so this is logged only.
+				t.Logf("switched to postcopy: %v", strings.Contains(out, `"postcopy":true`))
+			}
+			if tc.extra != nil {
+				if !strings.Contains(out, `"event":"result"`) {
+					t.Errorf("--json printed no result line:\n%s", migTail(out, 5))
+				}
+			} else if !strings.Contains(out, "migrated: session") || !strings.Contains(out, "downtime") {
+				t.Errorf("no summary printed:\n%s", out)
+			}
+			r.checkClean(t)
+		})
+	}
+}
+
+// TestMigrateDestinationKilled kills the destination QEMU while a running
+// source guest migrates: migtun migrate must fail naming the step, the
+// source guest must keep running, and neither host may keep a session.
+func TestMigrateDestinationKilled(t *testing.T) {
+	r := newMigrateRig(t, 512<<20, 16<<20)
+	reconnect(t, r.srcVM)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	if err := r.srcVM.QMP.Cont(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.srcVM.QMP.Close() // migtun migrate needs the monitor
+	type result struct {
+		out string
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		out, err := r.migrateCmd(ctx, "--copy-storage", "all", "--max-bandwidth", "16000000")
+		done <- result{out, err}
+	}()
+	// Wait until RAM is flowing through the session, then kill the
+	// destination QEMU.
+	for {
+		out, err := migtun(t, "session", "list", "--control", r.dstCtl)
+		if err != nil {
+			t.Fatal(err, out)
+		}
+		var list []proxy.SessionInfo
+		json.Unmarshal([]byte(out), &list)
+		flowing := false
+		for _, s := range list {
+			for _, c := range s.Channels {
+				if c.Name == "main" && c.BytesForward > 16<<20 {
+					flowing = true
+				}
+			}
+		}
+		if flowing {
+			break
+		}
+		select {
+		case res := <-done:
+			t.Fatalf("migtun migrate ended before the kill: %v\n%s", res.err, res.out)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	// The destination QEMU dies as a crash would.
+	r.dstVM.Close()
+	res := <-done
+	if res.err == nil {
+		t.Fatalf("migtun migrate succeeded without a destination:\n%s", res.out)
+	}
+	if !strings.Contains(res.out, "perform") {
+		t.Errorf("the error does not name the step:\n%s", migTail(res.out, 5))
+	}
+	t.Logf("migtun migrate failed as it should:\n%s", migTail(res.out, 3))
+	reconnect(t, r.srcVM)
+	st, err := r.srcVM.QMP.QueryStatus(ctx)
+	if err != nil || st.Status != "running" {
+		t.Fatalf("source guest %+v (%v) after the failure, want running", st, err)
+	}
+	jobs, err := r.srcVM.QMP.QueryBlockJobs(ctx)
+	if err != nil || len(jobs) != 0 {
+		t.Errorf("source block jobs left: %+v (%v)", jobs, err)
+	}
+	r.checkClean(t)
+}
+
+func migTail(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}

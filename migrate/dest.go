@@ -1,0 +1,381 @@
+package migrate
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/migtun/migtun/proxy"
+	"github.com/migtun/migtun/qmp"
+)
+
+// pollInterval is how often QEMU is polled for progress.
+const pollInterval = 50 * time.Millisecond
+
+// Controller is the destination's side of a migration: it drives the VMs
+// registered on this host (serve --qmp NAME=unix:PATH) for the peers'
+// vm-prepare, vm-finish and vm-abort requests. It implements
+// [proxy.VMController]. It connects to a VM's QMP socket only for the time
+// of one operation, so another client may use the monitor in between.
+type Controller struct {
+	vms map[string]string // name → QMP socket path
+	log *slog.Logger
+
+	mu       sync.Mutex
+	incoming map[string]*incoming // by VM name
+}
+
+// incoming is a VM prepared for a session's incoming migration.
+type incoming struct {
+	session string
+	nbd     bool // the NBD server is started
+	busy    bool // an operation is running
+}
+
+// NewController returns a controller for the VMs given by name and QMP
+// socket path. log may be nil.
+func NewController(vms map[string]string, log *slog.Logger) *Controller {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Controller{vms: maps.Clone(vms), log: log, incoming: make(map[string]*incoming)}
+}
+
+var _ proxy.VMController = (*Controller)(nil)
+
+// ParseVM reads a --qmp NAME=unix:PATH flag value.
+func ParseVM(s string) (name, path string, err error) {
+	name, spec, ok := strings.Cut(s, "=")
+	if !ok || name == "" {
+		return "", "", fmt.Errorf("%q: want NAME=unix:PATH", s)
+	}
+	for _, r := range name {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("._-", r)) {
+			return "", "", fmt.Errorf("%q: a VM name is letters, digits, '.', '_' and '-'", s)
+		}
+	}
+	path, ok = strings.CutPrefix(spec, "unix:")
+	if !ok || path == "" {
+		return "", "", fmt.Errorf("%q: the QMP socket must be unix:PATH", s)
+	}
+	return name, path, nil
+}
+
+// acquire marks vm busy for an operation of session; with prepare set, vm
+// must not be prepared for another session, else it must be prepared for
+// this one.
+func (c *Controller) acquire(vm, session string, prepare bool) (*incoming, error) {
+	if _, ok := c.vms[vm]; !ok {
+		names := slices.Sorted(maps.Keys(c.vms))
+		return nil, fmt.Errorf("unknown VM %q on this host (registered: %s)", vm, strings.Join(names, ", "))
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	in := c.incoming[vm]
+	switch {
+	case in != nil && in.session != session:
+		return nil, fmt.Errorf("VM %q is busy with another migration", vm)
+	case in != nil && in.busy:
+		return nil, fmt.Errorf("VM %q: another operation is running", vm)
+	case in == nil && !prepare:
+		return nil, fmt.Errorf("VM %q is not prepared for this session", vm)
+	case in != nil && prepare:
+		return nil, fmt.Errorf("VM %q is already prepared for this session", vm)
+	case in == nil:
+		in = &incoming{session: session}
+		c.incoming[vm] = in
+	}
+	in.busy = true
+	return in, nil
+}
+
+func (c *Controller) release(vm string, in *incoming, forget bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	in.busy = false
+	if forget && c.incoming[vm] == in {
+		delete(c.incoming, vm)
+	}
+}
+
+func (c *Controller) dial(ctx context.Context, vm string) (*qmp.Client, error) {
+	q, err := qmp.Dial(ctx, c.vms[vm])
+	if err != nil {
+		return nil, fmt.Errorf("VM %q: connecting to its QMP socket: %w", vm, err)
+	}
+	return q, nil
+}
+
+// PrepareIncoming checks the VM waits for an incoming migration and has
+// every disk, sets the capabilities, exports the disks over NBD on in.NBD
+// and listens on in.Main.
+func (c *Controller) PrepareIncoming(ctx context.Context, vm string, in proxy.VMIncoming) (p *proxy.VMPrepared, err error) {
+	st, err := c.acquire(vm, in.Session, true)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { c.release(vm, st, err != nil) }()
+	q, err := c.dial(ctx, vm)
+	if err != nil {
+		return nil, err
+	}
+	defer q.Close()
+	fail := func(what string, err error) error { return fmt.Errorf("VM %q: %s: %w", vm, what, err) }
+
+	status, err := q.QueryStatus(ctx)
+	if err != nil {
+		return nil, fail("query-status", err)
+	}
+	if status.Status != "inmigrate" {
+		return nil, fmt.Errorf("VM %q is not waiting for an incoming migration: its state is %q (start its QEMU with -incoming defer)", vm, status.Status)
+	}
+	if err := checkDisks(ctx, q, in.Disks); err != nil {
+		return nil, fail("checking the target disks", err)
+	}
+	offered, err := q.QueryMigrateCapabilities(ctx)
+	if err != nil {
+		return nil, fail("query-migrate-capabilities", err)
+	}
+	caps, err := capabilitySet(offered, in.Capabilities, "destination QEMU "+q.Version().String())
+	if err != nil {
+		return nil, err
+	}
+	if err := q.MigrateSetCapabilities(ctx, caps); err != nil {
+		return nil, fail("migrate-set-capabilities", err)
+	}
+	if in.MultifdChannels > 0 {
+		if err := q.MigrateSetParameters(ctx, map[string]any{"multifd-channels": in.MultifdChannels}); err != nil {
+			return nil, fail("migrate-set-parameters", err)
+		}
+	}
+	p = &proxy.VMPrepared{QEMU: q.Version().String(), Capabilities: slices.Sorted(maps.Keys(offered))}
+	if len(in.Disks) > 0 {
+		if err := nbdServerStart(ctx, q, in.NBD); err != nil {
+			return nil, fail("nbd-server-start", err)
+		}
+		st.nbd = true
+		defer func() {
+			if err != nil {
+				stopNBD(q, vm, c.log)
+				st.nbd = false
+			}
+		}()
+		for _, d := range in.Disks {
+			if err := q.NBDServerAdd(ctx, d.Node, true); err != nil {
+				return nil, fail("nbd-server-add "+d.Node, err)
+			}
+			p.Exports = append(p.Exports, d.Node)
+		}
+	}
+	uri, err := endpointURI(in.Main)
+	if err != nil {
+		return nil, fail("the main channel's route", err)
+	}
+	if err := q.MigrateIncoming(ctx, uri); err != nil {
+		return nil, fail("migrate-incoming", err)
+	}
+	c.log.Info("VM waits for its incoming migration", "vm", vm, "session", in.Session, "uri", uri, "exports", p.Exports)
+	return p, nil
+}
+
+// FinishIncoming waits for the incoming migration to complete, stops the
+// NBD server and resumes the guest if asked.
+func (c *Controller) FinishIncoming(ctx context.Context, vm, session string, resume bool) (r *proxy.VMResult, err error) {
+	st, err := c.acquire(vm, session, false)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { c.release(vm, st, err == nil) }()
+	q, err := c.dial(ctx, vm)
+	if err != nil {
+		return nil, err
+	}
+	defer q.Close()
+	if _, err := q.WaitMigration(ctx, pollInterval, nil); err != nil {
+		return nil, fmt.Errorf("VM %q: waiting for the incoming migration: %w", vm, err)
+	}
+	if st.nbd {
+		if err := q.NBDServerStop(ctx); err != nil {
+			return nil, fmt.Errorf("VM %q: nbd-server-stop: %w", vm, err)
+		}
+		st.nbd = false
+	}
+	r = &proxy.VMResult{}
+	if resume {
+		if err := q.Cont(ctx); err != nil {
+			return nil, fmt.Errorf("VM %q: cont: %w", vm, err)
+		}
+		r.Resumed = true
+	}
+	if r.Status, err = q.Status(ctx); err != nil {
+		return nil, fmt.Errorf("VM %q: query-status: %w", vm, err)
+	}
+	c.log.Info("incoming migration finished", "vm", vm, "session", session, "status", r.Status)
+	return r, nil
+}
+
+// AbortIncoming gives up the session's incoming migration: the NBD server
+// is stopped if the VM's QEMU is still there. (QEMU cannot take back a
+// migrate-incoming; a destination whose incoming migration failed exits.)
+func (c *Controller) AbortIncoming(ctx context.Context, vm, session string) error {
+	st, err := c.acquire(vm, session, false)
+	if err != nil {
+		if _, known := c.vms[vm]; known && strings.Contains(err.Error(), "not prepared") {
+			return nil // nothing to undo
+		}
+		return err
+	}
+	defer c.release(vm, st, true)
+	c.abort(ctx, vm, st)
+	return nil
+}
+
+// SessionEnded aborts a VM still prepared for the session.
+func (c *Controller) SessionEnded(session string) {
+	c.mu.Lock()
+	var vm string
+	var st *incoming
+	for name, in := range c.incoming {
+		if in.session == session && !in.busy {
+			vm, st = name, in
+			in.busy = true
+		}
+	}
+	c.mu.Unlock()
+	if st == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c.log.Warn("session ended with its VM still prepared; aborting", "vm", vm, "session", session)
+	c.abort(ctx, vm, st)
+	c.release(vm, st, true)
+}
+
+func (c *Controller) abort(ctx context.Context, vm string, st *incoming) {
+	if !st.nbd {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	q, err := qmp.Dial(ctx, c.vms[vm])
+	if err != nil {
+		c.log.Info("abort: the VM's QEMU is gone", "vm", vm, "err", err.Error())
+		return
+	}
+	defer q.Close()
+	stopNBD(q, vm, c.log)
+	st.nbd = false
+}
+
+func stopNBD(q *qmp.Client, vm string, log *slog.Logger) {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	if err := q.NBDServerStop(ctx); err != nil {
+		log.Warn("nbd-server-stop", "vm", vm, "err", err.Error())
+	}
+}
+
+// blockNode is an entry of query-named-block-nodes.
+type blockNode struct {
+	NodeName string `json:"node-name"`
+	ReadOnly bool   `json:"ro"`
+	Image    struct {
+		VirtualSize int64 `json:"virtual-size"`
+	} `json:"image"`
+}
+
+// checkDisks verifies every disk exists as a block node of the same size.
+func checkDisks(ctx context.Context, q *qmp.Client, disks []proxy.VMDisk) error {
+	if len(disks) == 0 {
+		return nil
+	}
+	var nodes []blockNode
+	if err := q.Execute(ctx, "query-named-block-nodes", map[string]any{"flat": true}, &nodes); err != nil {
+		return err
+	}
+	return matchDisks(nodes, disks)
+}
+
+// matchDisks is checkDisks on a query-named-block-nodes reply.
+func matchDisks(nodes []blockNode, disks []proxy.VMDisk) error {
+	byName := make(map[string]blockNode, len(nodes))
+	for _, n := range nodes {
+		byName[n.NodeName] = n
+	}
+	var errs []error
+	for _, d := range disks {
+		n, ok := byName[d.Node]
+		switch {
+		case !ok:
+			errs = append(errs, fmt.Errorf("no block node %q", d.Node))
+		case n.ReadOnly:
+			errs = append(errs, fmt.Errorf("block node %q is read-only", d.Node))
+		case n.Image.VirtualSize != d.Size:
+			errs = append(errs, fmt.Errorf("block node %q has %d bytes, the source's has %d", d.Node, n.Image.VirtualSize, d.Size))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// capabilitySet returns the capabilities to set: the wanted ones, which
+// QEMU must offer, and the migration-shaping ones QEMU offers but that are
+// not wanted, switched off.
+func capabilitySet(offered, want map[string]bool, who string) (map[string]bool, error) {
+	caps := map[string]bool{}
+	for _, name := range []string{"multifd", "postcopy-ram", "postcopy-preempt"} {
+		if _, ok := offered[name]; ok {
+			caps[name] = false
+		}
+	}
+	for name, on := range want {
+		if _, ok := offered[name]; !ok {
+			if !on {
+				continue
+			}
+			return nil, fmt.Errorf("%s does not offer the migration capability %q", who, name)
+		}
+		caps[name] = on
+	}
+	return caps, nil
+}
+
+// endpointURI is QEMU's migration URI for a local endpoint.
+func endpointURI(ep proxy.Endpoint) (string, error) {
+	switch ep.Network {
+	case "unix":
+		return "unix:" + ep.Address, nil
+	case "tcp":
+		return "tcp:" + ep.Address, nil
+	}
+	return "", fmt.Errorf("endpoint %s: QEMU cannot listen there", ep)
+}
+
+// nbdServerStart starts the NBD server at ep, in the legacy address form
+// QEMU 7.2 requires.
+func nbdServerStart(ctx context.Context, q *qmp.Client, ep proxy.Endpoint) error {
+	switch ep.Network {
+	case "unix":
+		return q.NBDServerStartUnix(ctx, ep.Address)
+	case "tcp":
+		host, port, err := net.SplitHostPort(ep.Address)
+		if err != nil {
+			return err
+		}
+		if _, err := strconv.Atoi(port); err != nil {
+			return fmt.Errorf("port %q", port)
+		}
+		return q.Execute(ctx, "nbd-server-start", map[string]any{
+			"addr": map[string]any{"type": "inet", "data": map[string]any{"host": host, "port": port}},
+		}, nil)
+	}
+	return fmt.Errorf("endpoint %s: the nbd channel must route to unix:PATH or tcp:HOST:PORT", ep)
+}
