@@ -1,10 +1,10 @@
 // Command demo shows migtun's main job end to end on one machine, the way an
-// operator would run it on two hosts: it creates certificates, starts two
-// "migtun serve" processes on loopback (host-a the source, host-b the
-// destination, one tunnel port between them), starts a paused QEMU VM with
-// random RAM and a random disk on host-a and an empty one on host-b, and
-// live-migrates RAM and disk through migtun, printing progress and checking
-// that both sides end up byte-identical. "make demo" runs it.
+// operator would run it on two hosts: it creates certificates, starts a
+// paused QEMU VM with random RAM and a random disk on host-a and an empty one
+// waiting on host-b, starts two "migtun serve" processes on loopback (one
+// tunnel port between them; host-b registers its VM with --qmp), runs
+// "migtun migrate" on host-a, whose progress shows as it goes, and checks
+// that both VMs end up byte-identical. "make demo" runs it.
 package main
 
 import (
@@ -22,7 +22,6 @@ import (
 
 	"github.com/migtun/migtun/internal/sidecar"
 	"github.com/migtun/migtun/internal/vmtest"
-	"github.com/migtun/migtun/qmp"
 )
 
 func main() {
@@ -60,39 +59,7 @@ func run() error {
 		}
 	}
 
-	step("2. Two migtun sidecars on loopback, one tunnel port between them")
-	var plain []string
-	if *transport == "plain" {
-		plain = []string{"--insecure-plaintext"}
-	}
-	hostFlags := func(name string) []string {
-		return append([]string{"--transport", *transport,
-			"--cert", filepath.Join(pki, name+".crt"), "--key", filepath.Join(pki, name+".key"),
-			"--ca", filepath.Join(pki, "ca.crt")}, plain...)
-	}
-	inSock, nbdSock := filepath.Join(dir, "b-incoming.sock"), filepath.Join(dir, "b-nbd.sock")
-	bArgs := append([]string{"serve", "--listen", "127.0.0.1:0"}, hostFlags("host-b")...)
-	bArgs = append(bArgs, "--route", "main=unix:"+inSock, "--route", "nbd=unix:"+nbdSock)
-	fmt.Printf("  host-b$ migtun %s\n", strings.Join(bArgs, " "))
-	hostB, err := sidecar.Start(*bin, nil, filepath.Join(dir, "host-b.log"), bArgs...)
-	if err != nil {
-		return err
-	}
-	defer hostB.Stop(10 * time.Second)
-	fmt.Printf("  host-b is ready; its one port is %s\n", hostB.Addr)
-
-	fwdMain, fwdNBD := filepath.Join(dir, "a-main.sock"), filepath.Join(dir, "a-nbd.sock")
-	aArgs := append([]string{"serve", "--listen", "127.0.0.1:0"}, hostFlags("host-a")...)
-	aArgs = append(aArgs, "--forward", "unix:"+fwdMain+"="+hostB.Addr+"/main", "--forward", "unix:"+fwdNBD+"="+hostB.Addr+"/nbd")
-	fmt.Printf("  host-a$ migtun %s\n", strings.Join(aArgs, " "))
-	hostA, err := sidecar.Start(*bin, nil, filepath.Join(dir, "host-a.log"), aArgs...)
-	if err != nil {
-		return err
-	}
-	defer hostA.Stop(10 * time.Second)
-	fmt.Println("  host-a is ready: QEMU will connect to its forward sockets instead of to host-b")
-
-	step(fmt.Sprintf("3. QEMU: a paused VM with %d MiB of random RAM and a %d MiB random disk on host-a, an empty one waiting on host-b", *ramMiB, *diskMiB))
+	step(fmt.Sprintf("2. QEMU: a paused VM with %d MiB of random RAM and a %d MiB random disk on host-a, an empty one waiting on host-b", *ramMiB, *diskMiB))
 	src, err := vmtest.Start(ctx, vmtest.Options{Dir: dir, Name: "vm-a", RAM: *ramMiB << 20, Disk: *diskMiB << 20, Random: true})
 	if err != nil {
 		return err
@@ -107,27 +74,53 @@ func run() error {
 	if vmtest.KVMAvailable() {
 		accel = "KVM"
 	}
-	fmt.Printf("  both QEMUs are up (%s)\n", accel)
+	fmt.Printf("  both QEMUs are up (%s); host-a's monitor is %s, host-b's %s\n", accel, src.QMPPath, dst.QMPPath)
+	// migtun drives both QEMUs from here on: let go of their monitors.
+	src.QMP.Close()
+	dst.QMP.Close()
 
-	step(fmt.Sprintf("4. Live migration through migtun (%s, multifd %d): the disk over NBD, then RAM", *transport, *multifd))
-	fmt.Printf("  host-b QEMU: nbd-server-start unix:%s; nbd-server-add disk0; migrate-incoming unix:%s\n", nbdSock, inSock)
-	fmt.Printf("  host-a QEMU: blockdev-mirror disk0 -> nbd unix:%s; migrate unix:%s\n", fwdNBD, fwdMain)
-	start := time.Now()
-	res, err := vmtest.Migrate(ctx, src, dst, vmtest.MigrateOptions{
-		MainURI: "unix:" + fwdMain, IncomingURI: "unix:" + inSock,
-		NBDServerPath: nbdSock, NBDClientPath: fwdNBD, Multifd: *multifd,
-		Progress: progress(),
-	})
+	step("3. Two migtun sidecars on loopback, one tunnel port between them")
+	var plain []string
+	if *transport == "plain" {
+		plain = []string{"--insecure-plaintext"}
+	}
+	hostFlags := func(name string) []string {
+		return append([]string{"--listen", "127.0.0.1:0", "--transport", *transport,
+			"--cert", filepath.Join(pki, name+".crt"), "--key", filepath.Join(pki, name+".key"),
+			"--ca", filepath.Join(pki, "ca.crt"),
+			"--control", "unix:" + filepath.Join(dir, name+".ctl"), "--socket-dir", filepath.Join(dir, name+"-sockets")}, plain...)
+	}
+	bArgs := append(append([]string{"serve"}, hostFlags("host-b")...), "--qmp", "vm1=unix:"+dst.QMPPath)
+	fmt.Printf("  host-b$ migtun %s\n", strings.Join(bArgs, " "))
+	hostB, err := sidecar.Start(*bin, nil, filepath.Join(dir, "host-b.log"), bArgs...)
 	if err != nil {
-		return fmt.Errorf("%w\nhost-a log:\n%s\nhost-b log:\n%s", err, hostA.Log(10), hostB.Log(10))
+		return err
+	}
+	defer hostB.Stop(10 * time.Second)
+	fmt.Printf("  host-b is ready: its one port is %s; peers may migrate into its VM \"vm1\"\n", hostB.Addr)
+	aArgs := append([]string{"serve"}, hostFlags("host-a")...)
+	fmt.Printf("  host-a$ migtun %s\n", strings.Join(aArgs, " "))
+	hostA, err := sidecar.Start(*bin, nil, filepath.Join(dir, "host-a.log"), aArgs...)
+	if err != nil {
+		return err
+	}
+	defer hostA.Stop(10 * time.Second)
+	fmt.Println("  host-a is ready")
+
+	step(fmt.Sprintf("4. Live migration with migtun migrate (%s, multifd %d): the disk over NBD, then RAM, one port", *transport, *multifd))
+	mArgs := []string{"migrate", "--control", "unix:" + filepath.Join(dir, "host-a.ctl"), "--peer", hostB.Addr,
+		"--qmp", "unix:" + src.QMPPath, "--dest-vm", "vm1", "--copy-storage", "all", "--multifd", fmt.Sprint(*multifd), "--paused"}
+	fmt.Printf("  host-a$ migtun %s\n\n", strings.Join(mArgs, " "))
+	start := time.Now()
+	cmd := exec.CommandContext(ctx, *bin, mArgs...)
+	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("migtun migrate: %w\nhost-a log:\n%s\nhost-b log:\n%s", err, hostA.Log(10), hostB.Log(10))
 	}
 	total := time.Since(start)
 
-	step("5. Result")
-	fmt.Printf("  disk: %d MiB mirrored in %v (%.0f MB/s)\n", res.DiskBytes>>20, res.Mirror.Round(time.Millisecond), mbps(res.DiskBytes, res.Mirror))
-	fmt.Printf("  RAM:  %d MiB migrated in %v (%.0f MB/s), downtime %d ms\n", res.RAMBytes>>20, res.Migration.Round(time.Millisecond),
-		mbps(res.RAMBytes, res.Migration), res.Info.Downtime)
-	fmt.Printf("  total %v through one %s port\n", total.Round(time.Millisecond), *transport)
+	step("5. Result: is host-b's VM host-a's, byte for byte?")
+	fmt.Printf("  migtun migrate took %v through one %s port; both VMs are left paused to compare them\n", total.Round(time.Millisecond), *transport)
 	for _, f := range []struct{ what, a, b string }{{"RAM ", src.RAMPath, dst.RAMPath}, {"disk", src.DiskPath, dst.DiskPath}} {
 		ha, err := vmtest.HashFile(f.a)
 		if err != nil {
@@ -160,39 +153,4 @@ func show(bin string, args ...string) error {
 		fmt.Printf("    %s\n", l)
 	}
 	return err
-}
-
-// progress prints a line at most every 200 ms per stage, and the last
-// state of the disk mirror when it is in sync.
-func progress() func(string, *qmp.MigrationInfo, *qmp.BlockJob) {
-	var last time.Time
-	var lastStage string
-	return func(stage string, info *qmp.MigrationInfo, job *qmp.BlockJob) {
-		now := time.Now()
-		if stage == lastStage && now.Sub(last) < 200*time.Millisecond && (job == nil || !job.Ready) {
-			return
-		}
-		switch {
-		case job != nil:
-			state := "copying"
-			if job.Ready {
-				state = "in sync"
-			}
-			fmt.Printf("  disk mirror: %4d / %d MiB  %s\n", job.Offset>>20, job.Len>>20, state)
-		case stage == vmtest.StageMigrate && info != nil && info.RAM != nil:
-			fmt.Printf("  RAM: %-9s %4d MiB sent, %4d MiB remaining\n", info.Status, info.RAM.Transferred>>20, info.RAM.Remaining>>20)
-		case stage == vmtest.StageFinish:
-			fmt.Printf("  migration completed; completing the disk mirror and stopping the NBD export\n")
-		default:
-			return
-		}
-		last, lastStage = now, stage
-	}
-}
-
-func mbps(bytes int64, d time.Duration) float64 {
-	if d <= 0 {
-		return 0
-	}
-	return float64(bytes) / 1e6 / d.Seconds()
 }
