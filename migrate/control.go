@@ -125,3 +125,9 @@ func (c *control) vmFinish(ctx context.Context, id string, req proxy.VMRequest) 
 func (c *control) vmAbort(ctx context.Context, id string, req proxy.VMRequest) error {
 	return c.do(ctx, "POST", "/v1/sessions/"+url.PathEscape(id)+"/vm-abort", req, nil)
 }
+
+// reportProgress hands the migration's progress to the local migtun for
+// its metrics.
+func (c *control) reportProgress(ctx context.Context, id string, p proxy.MigrationProgress) error {
+	return c.do(ctx, "PUT", "/v1/sessions/"+url.PathEscape(id)+"/progress", p, nil)
+}

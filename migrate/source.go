@@ -128,6 +128,8 @@ type run struct {
 	q     *qmp.Client
 	ctl   *control
 	start time.Time
+	// reported is when progress was last passed to the local migtun.
+	reported time.Time
 
 	wasRunning bool
 	disks      []*disk
@@ -174,11 +176,32 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 }
 
 func (r *run) progress(p Progress) {
+	r.reportProgress(p)
 	if r.o.Progress != nil {
 		p.Elapsed = time.Since(r.start)
 		p.Postcopy = r.postcopy
 		r.o.Progress(p)
 	}
+}
+
+// reportProgress passes the RAM and mirror figures to the local migtun, at
+// most once a second, for its metrics; a failure only costs the metrics.
+func (r *run) reportProgress(p Progress) {
+	if r.session == nil || time.Since(r.reported) < time.Second {
+		return
+	}
+	r.reported = time.Now()
+	mp := proxy.MigrationProgress{}
+	if p.Migration != nil && p.Migration.RAM != nil {
+		mp.RAMTransferred, mp.RAMRemaining = p.Migration.RAM.Transferred, p.Migration.RAM.Remaining
+		mp.DirtyPagesRate = p.Migration.RAM.DirtyPagesRate
+	}
+	for _, d := range p.Disks {
+		mp.Disks = append(mp.Disks, proxy.DiskMirror{Node: d.Node, Done: d.Done, Total: d.Total})
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	r.ctl.reportProgress(ctx, r.session.ID, mp)
 }
 
 func (r *run) run(ctx context.Context) (*Result, error) {

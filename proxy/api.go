@@ -22,6 +22,7 @@ import (
 //	GET    /v1/sessions/{id}             SessionInfo
 //	POST   /v1/sessions/{id}/finish      ?grace=10s → FinishReport
 //	POST   /v1/sessions/{id}/abort       {"reason":…} → SessionInfo
+//	PUT    /v1/sessions/{id}/progress    MigrationProgress (from migtun migrate, for metrics)
 //	GET    /v1/routes                    [{"channel":…,"target":…}…]
 //	PUT    /v1/routes/{channel}          {"target":"unix:/path"}
 //	DELETE /v1/routes/{channel}
@@ -128,6 +129,21 @@ func (s *Server) Handler() http.Handler {
 			writeError(w, fmt.Errorf("%w: no route for channel %q", errNotFound, r.PathValue("channel")))
 			return
 		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("PUT /v1/sessions/{id}/progress", func(w http.ResponseWriter, r *http.Request) {
+		var p MigrationProgress
+		if !readJSON(w, r, &p) {
+			return
+		}
+		sess, err := s.openSession(r.PathValue("id"))
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		sess.mu.Lock()
+		sess.progress = &p
+		sess.mu.Unlock()
 		w.WriteHeader(http.StatusNoContent)
 	})
 	s.vmHandlers(mux)

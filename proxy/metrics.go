@@ -115,6 +115,16 @@ var (
 	descSessionRate = prometheus.NewDesc(metricsNamespace+"_session_rate_bytes_per_second",
 		"Throughput of an open session over the last second, by channel and direction.",
 		[]string{"session", "channel", "direction"}, nil)
+	descRAMRemaining = prometheus.NewDesc(metricsNamespace+"_migration_ram_remaining_bytes",
+		"RAM still to send, as QEMU reports it to migtun migrate, by session.", []string{"session"}, nil)
+	descRAMTransferred = prometheus.NewDesc(metricsNamespace+"_migration_ram_transferred_bytes",
+		"RAM sent so far, as QEMU reports it to migtun migrate, by session.", []string{"session"}, nil)
+	descDirtyRate = prometheus.NewDesc(metricsNamespace+"_migration_dirty_pages_per_second",
+		"Guest pages dirtied per second during the migration, as QEMU reports it, by session.", []string{"session"}, nil)
+	descMirrorDone = prometheus.NewDesc(metricsNamespace+"_migration_mirror_done_bytes",
+		"Bytes of a disk the mirror has copied, by session and disk node.", []string{"session", "disk"}, nil)
+	descMirrorTotal = prometheus.NewDesc(metricsNamespace+"_migration_mirror_total_bytes",
+		"Bytes of a disk the mirror has to copy, by session and disk node.", []string{"session", "disk"}, nil)
 )
 
 // stateCollector reads byte counts and open streams and sessions from the
@@ -122,7 +132,8 @@ var (
 type stateCollector struct{ s *Server }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descBytes, descActive, descSessions, descSessionBytes, descSessionRate} {
+	for _, d := range []*prometheus.Desc{descBytes, descActive, descSessions, descSessionBytes, descSessionRate,
+		descRAMRemaining, descRAMTransferred, descDirtyRate, descMirrorDone, descMirrorTotal} {
 		ch <- d
 	}
 }
@@ -167,6 +178,19 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descSessionBytes, prometheus.CounterValue, float64(ci.BytesReturn), id, ci.Name, "return")
 			ch <- prometheus.MustNewConstMetric(descSessionRate, prometheus.GaugeValue, ci.RateForward, id, ci.Name, "forward")
 			ch <- prometheus.MustNewConstMetric(descSessionRate, prometheus.GaugeValue, ci.RateReturn, id, ci.Name, "return")
+		}
+		sess.mu.Lock()
+		p := sess.progress
+		sess.mu.Unlock()
+		if p == nil {
+			continue
+		}
+		ch <- prometheus.MustNewConstMetric(descRAMRemaining, prometheus.GaugeValue, float64(p.RAMRemaining), id)
+		ch <- prometheus.MustNewConstMetric(descRAMTransferred, prometheus.GaugeValue, float64(p.RAMTransferred), id)
+		ch <- prometheus.MustNewConstMetric(descDirtyRate, prometheus.GaugeValue, float64(p.DirtyPagesRate), id)
+		for _, d := range p.Disks {
+			ch <- prometheus.MustNewConstMetric(descMirrorDone, prometheus.GaugeValue, float64(d.Done), id, d.Node)
+			ch <- prometheus.MustNewConstMetric(descMirrorTotal, prometheus.GaugeValue, float64(d.Total), id, d.Node)
 		}
 	}
 }

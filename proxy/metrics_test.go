@@ -172,6 +172,30 @@ func TestMetricsSessionSeries(t *testing.T) {
 			t.Fatalf("open session: %q missing from\n%s", series, grep(body, "migtun_session"))
 		}
 	}
+	// migtun migrate reports QEMU's progress to the source's migtun.
+	rec := httptest.NewRecorder()
+	src.Handler().ServeHTTP(rec, httptest.NewRequest("PUT", "/v1/sessions/"+info.ID+"/progress", strings.NewReader(
+		`{"ram_transferred":300,"ram_remaining":700,"dirty_pages_rate":12,"disks":[{"node":"disk0","done":5,"total":10}]}`)))
+	if rec.Code != 204 {
+		t.Fatalf("progress: %d %s", rec.Code, rec.Body)
+	}
+	body := scrape(src)
+	for _, want := range []string{
+		`migtun_migration_ram_remaining_bytes{session="` + info.ID + `"} 700`,
+		`migtun_migration_dirty_pages_per_second{session="` + info.ID + `"} 12`,
+		`migtun_migration_mirror_done_bytes{disk="disk0",session="` + info.ID + `"} 5`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Fatalf("%q missing from\n%s", want, grep(body, "migtun_migration"))
+		}
+	}
+	problems, err := testutil.GatherAndLint(src.metrics.reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range problems {
+		t.Errorf("metric %s: %s", p.Metric, p.Text)
+	}
 	if _, err := src.Finish(context.Background(), info.ID, time.Second); err != nil {
 		t.Fatal(err)
 	}

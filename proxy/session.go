@@ -40,6 +40,25 @@ const (
 	RoleDestination Role = "destination"
 )
 
+// MigrationProgress is what "migtun migrate" reports of the migration a
+// session carries, for the metrics of the source host.
+type MigrationProgress struct {
+	// RAMTransferred and RAMRemaining are QEMU's RAM counts in bytes.
+	RAMTransferred int64 `json:"ram_transferred"`
+	RAMRemaining   int64 `json:"ram_remaining"`
+	// DirtyPagesRate is QEMU's dirty-page rate, pages per second.
+	DirtyPagesRate int64 `json:"dirty_pages_rate"`
+	// Disks is the progress of each disk's mirror.
+	Disks []DiskMirror `json:"disks,omitempty"`
+}
+
+// DiskMirror is the progress of one disk's mirror, in bytes.
+type DiskMirror struct {
+	Node  string `json:"node"`
+	Done  int64  `json:"done"`
+	Total int64  `json:"total"`
+}
+
 // SessionInfo describes a session, as the control endpoint shows it.
 type SessionInfo struct {
 	ID      string    `json:"id"`
@@ -82,13 +101,14 @@ type session struct {
 	order   []*sessionChannel
 	byName  map[string]*sessionChannel
 
-	mu      sync.Mutex
-	state   State
-	err     string
-	relays  map[*activeRelay]struct{}
-	wg      sync.WaitGroup  // relays of the session
-	timer   *time.Timer     // expiry while prepared
-	timerWG *sync.WaitGroup // the server's count of pending expiry timers
+	mu       sync.Mutex
+	state    State
+	err      string
+	relays   map[*activeRelay]struct{}
+	wg       sync.WaitGroup     // relays of the session
+	progress *MigrationProgress // reported by migtun migrate on the source
+	timer    *time.Timer        // expiry while prepared
+	timerWG  *sync.WaitGroup    // the server's count of pending expiry timers
 }
 
 // stopTimer cancels the expiry timer; called with s.mu held.
