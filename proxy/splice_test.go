@@ -42,25 +42,35 @@ func TestRelaySplice(t *testing.T) {
 
 // BenchmarkRelay moves 64 MiB per op from a UNIX socket through a relay
 // into a stream of each transport.
+// BenchmarkRelay moves 64 MiB per op through a relay between a UNIX socket
+// and a tunnel stream: "up" from the local socket into the tunnel (the
+// relay encrypts), "down" from the tunnel to the local socket (it decrypts).
 func BenchmarkRelay(b *testing.B) {
 	for _, tr := range transports {
-		b.Run(string(tr), func(b *testing.B) {
-			leaktest.Check(b)
-			r := startRelay(b, "unix", tr)
-			const size = 64 << 20
-			wbuf, rbuf := make([]byte, 1<<20), make([]byte, 1<<20)
-			b.SetBytes(size)
-			for b.Loop() {
-				sent := make(chan error, 1)
-				go func() { sent <- writeN(r.app, wbuf, size) }()
-				if err := readN(r.far, rbuf, size); err != nil {
-					b.Fatal(err)
+		for _, dir := range []string{"up", "down"} {
+			b.Run(string(tr)+"/"+dir, func(b *testing.B) {
+				leaktest.Check(b)
+				r := startRelay(b, "unix", tr)
+				const size = 64 << 20
+				var w io.Writer = r.app
+				var rd io.Reader = r.far
+				if dir == "down" {
+					w, rd = r.far, r.app
 				}
-				if err := <-sent; err != nil {
-					b.Fatal(err)
+				wbuf, rbuf := make([]byte, 1<<20), make([]byte, 1<<20)
+				b.SetBytes(size)
+				for b.Loop() {
+					sent := make(chan error, 1)
+					go func() { sent <- writeN(w, wbuf, size) }()
+					if err := readN(rd, rbuf, size); err != nil {
+						b.Fatal(err)
+					}
+					if err := <-sent; err != nil {
+						b.Fatal(err)
+					}
 				}
-			}
-		})
+			})
+		}
 	}
 }
 
