@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what migtun's demo and tests need on a Debian machine: QEMU (to
 # migrate real VMs), strace (to show splice(2) at work) and socat (a
-# baseline relay), stunnel (the OpenSSL baseline of migtun bench). Go modules are fetched by the go command itself.
+# baseline relay), stunnel (the OpenSSL baseline of migtun bench) and
+# libvirt (the virsh migrate interop test). Go modules are fetched by the go
+# command itself.
 set -euo pipefail
 
 need=()
@@ -10,6 +12,8 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 command -v strace >/dev/null || need+=(strace)
 command -v socat >/dev/null || need+=(socat)
 command -v stunnel >/dev/null || command -v stunnel4 >/dev/null || need+=(stunnel4)
+command -v libvirtd >/dev/null || command -v virtqemud >/dev/null || need+=(libvirt-daemon libvirt-daemon-driver-qemu)
+command -v virsh >/dev/null || need+=(libvirt-clients)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/migtun/migtun/proxy"
 )
 
 // runCLI runs the command line in-process and returns stdout, stderr and
@@ -96,5 +98,20 @@ func TestCertsCommands(t *testing.T) {
 		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
 			t.Fatalf("%s: %v (output %q)", f, err, out)
 		}
+	}
+}
+
+func TestVirshArgs(t *testing.T) {
+	ch := func(name, uri string) proxy.ChannelInfo { return proxy.ChannelInfo{Name: name, LibvirtURI: uri} }
+	p2p := virshArgs(proxy.SessionInfo{Channels: []proxy.ChannelInfo{
+		ch("libvirt", "qemu+unix:///system?socket=/s/l.sock"), ch("main", "unix:///s/m.sock"), ch("nbd", "unix:///s/n.sock")}})
+	want := "virsh migrate --live --p2p --copy-storage-all DOMAIN --desturi 'qemu+unix:///system?socket=/s/l.sock' --migrateuri unix:///s/m.sock --disks-uri unix:///s/n.sock"
+	if p2p != want {
+		t.Errorf("p2p:\n got %s\nwant %s", p2p, want)
+	}
+	direct := virshArgs(proxy.SessionInfo{Channels: []proxy.ChannelInfo{ch("main", "unix:///s/m.sock"), ch("nbd", "unix:///s/n.sock")}})
+	want = "virsh migrate --live --copy-storage-all DOMAIN --desturi DESTURI --migrateuri unix:///s/m.sock --disks-uri unix:///s/n.sock"
+	if direct != want {
+		t.Errorf("direct:\n got %s\nwant %s", direct, want)
 	}
 }

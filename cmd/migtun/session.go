@@ -138,11 +138,22 @@ func runSession(args []string, stdout, stderr io.Writer) error {
 	}
 }
 
-// virshArgs returns the virsh migrate command line for a session that has
-// a libvirt, main and nbd channel (the ones it has).
+// virshArgs returns the virsh migrate command line for a session's URIs.
+// With a libvirt channel it is the peer-to-peer flow (the source daemon
+// reaches the destination daemon through the session); without one, the
+// managed direct flow, where virsh itself connects to the destination
+// daemon (DESTURI).
 func virshArgs(info proxy.SessionInfo) string {
 	var b strings.Builder
-	b.WriteString("virsh migrate --live --p2p --copy-storage-all DOMAIN")
+	p2p := false
+	for _, c := range info.Channels {
+		p2p = p2p || c.Name == "libvirt"
+	}
+	if p2p {
+		b.WriteString("virsh migrate --live --p2p --copy-storage-all DOMAIN")
+	} else {
+		b.WriteString("virsh migrate --live --copy-storage-all DOMAIN --desturi DESTURI")
+	}
 	for _, c := range info.Channels {
 		switch c.Name {
 		case "libvirt":
