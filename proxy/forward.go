@@ -55,6 +55,11 @@ func (f *forwarder) acceptLoop() {
 		if f.sess != nil {
 			h.Session, h.Token = f.sess.id, f.sess.token
 			l = l.With(slog.String("session", f.sess.idString()))
+			if err := f.sess.reserveStream(); err != nil {
+				abortLocal(c)
+				l.Error("stream not opened", "err", err.Error())
+				continue
+			}
 		}
 		stream, err := s.dialer.Open(s.ctx, f.Peer, h)
 		if err != nil {

@@ -39,6 +39,9 @@ type Config struct {
 	SessionTTL time.Duration
 	// MaxSessions bounds the sessions open at once; default 64.
 	MaxSessions int
+	// MaxSessionStreams bounds the streams one session may open over its
+	// life (multifd opens 1 + channels on main); default 512.
+	MaxSessionStreams int
 	// FinishGrace is how long finish waits for a session's streams to end
 	// by themselves before aborting them; default 10s.
 	FinishGrace time.Duration
@@ -53,7 +56,10 @@ type Config struct {
 const (
 	DefaultSessionTTL  = 2 * time.Minute
 	DefaultMaxSessions = 64
-	DefaultFinishGrace = 10 * time.Second
+	// DefaultMaxSessionStreams leaves room for QEMU's largest multifd
+	// setting plus NBD and libvirt.
+	DefaultMaxSessionStreams = 512
+	DefaultFinishGrace       = 10 * time.Second
 )
 
 // Server is migtun's sidecar: it serves the tunnel port, delivers incoming
@@ -133,6 +139,9 @@ func New(cfg Config) (*Server, error) {
 	}
 	if cfg.MaxSessions <= 0 {
 		cfg.MaxSessions = DefaultMaxSessions
+	}
+	if cfg.MaxSessionStreams <= 0 {
+		cfg.MaxSessionStreams = DefaultMaxSessionStreams
 	}
 	if cfg.FinishGrace <= 0 {
 		cfg.FinishGrace = DefaultFinishGrace
@@ -425,8 +434,8 @@ func (s *Server) deliver(in *tunnel.Incoming) {
 			refuse(&tunnel.RefusedError{Reason: tunnel.ReasonUnknownSession, Detail: "unknown session or wrong token"})
 			return
 		}
-		if !sess.takesStreams() {
-			refuse(&tunnel.RefusedError{Reason: tunnel.ReasonUnknownSession, Detail: "the session takes no more streams"})
+		if err := sess.reserveStream(); err != nil {
+			refuse(&tunnel.RefusedError{Reason: tunnel.ReasonOf(err), Detail: err.Error()})
 			return
 		}
 		ch := sess.byName[h.Channel]

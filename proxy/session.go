@@ -100,8 +100,11 @@ type session struct {
 	expires time.Time
 	order   []*sessionChannel
 	byName  map[string]*sessionChannel
+	// maxStreams bounds the streams the session may open.
+	maxStreams int
 
 	mu       sync.Mutex
+	streams  int // opened so far
 	state    State
 	err      string
 	relays   map[*activeRelay]struct{}
@@ -133,8 +136,8 @@ type sessionChannel struct {
 	rateForward, rateReturn atomic.Uint64
 }
 
-func newSession(role Role, peer string, ttl time.Duration) (*session, error) {
-	s := &session{role: role, peer: peer, created: time.Now(), state: StatePrepared,
+func newSession(role Role, peer string, ttl time.Duration, maxStreams int) (*session, error) {
+	s := &session{role: role, peer: peer, created: time.Now(), state: StatePrepared, maxStreams: maxStreams,
 		byName: make(map[string]*sessionChannel), relays: make(map[*activeRelay]struct{})}
 	s.expires = s.created.Add(ttl)
 	if _, err := rand.Read(s.id[:]); err != nil {
@@ -158,11 +161,20 @@ func (s *session) checkToken(t tunnel.Token) bool {
 	return subtle.ConstantTimeCompare(t[:], s.token[:]) == 1
 }
 
-// takesStreams reports whether the session accepts new streams.
-func (s *session) takesStreams() bool {
+// reserveStream counts a new stream of the session before anything is
+// connected for it; it fails when the session takes no more streams or has
+// opened as many as it may.
+func (s *session) reserveStream() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.state == StatePrepared || s.state == StateActive
+	if s.state != StatePrepared && s.state != StateActive {
+		return &tunnel.RefusedError{Reason: tunnel.ReasonUnknownSession, Detail: "the session is " + string(s.state)}
+	}
+	if s.streams >= s.maxStreams {
+		return &tunnel.RefusedError{Reason: tunnel.ReasonLimit, Detail: fmt.Sprintf("the session has opened all of its %d streams", s.maxStreams)}
+	}
+	s.streams++
+	return nil
 }
 
 // addRelay attaches a relay to the session; it fails once the session no
@@ -173,6 +185,7 @@ func (s *session) addRelay(r *activeRelay) error {
 	if s.state != StatePrepared && s.state != StateActive {
 		return &tunnel.RefusedError{Reason: tunnel.ReasonUnknownSession, Detail: "session is " + string(s.state)}
 	}
+
 	if s.state == StatePrepared {
 		s.state = StateActive
 		s.stopTimer()

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -388,5 +389,79 @@ func TestSessionSocketRoute(t *testing.T) {
 	defer d.Close()
 	if _, err := d.Open(context.Background(), dst.Addr().String(), tunnel.Header{Kind: tunnel.KindData, Channel: "main"}); !errors.Is(err, &tunnel.RefusedError{Reason: tunnel.ReasonNoRoute}) {
 		t.Fatalf("static stream to a session route: %v", err)
+	}
+}
+
+// TestSessionStreamLimit checks that a session refuses streams beyond its
+// limit, on the destination, before connecting anything for it.
+func TestSessionStreamLimit(t *testing.T) {
+	leaktest.Check(t)
+	dir, err := os.MkdirTemp("", "pl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	// A route that counts its connections and echoes.
+	echo := filepath.Join(dir, "echo.sock")
+	ln, err := net.Listen("unix", echo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var accepted atomic.Int64
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			io.Copy(c, c)
+			c.Close()
+		}
+	}()
+	defer func() { ln.Close(); <-served }()
+	ca := testpki.NewCA(t)
+	dst, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "dst"), tunnel.TLS),
+		Routes: []proxy.Route{{Channel: "main", Target: proxy.Endpoint{Network: "unix", Address: echo}}}, MaxSessionStreams: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dst.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer dst.Close()
+	src, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "src"), tunnel.TLS),
+		SocketDir: filepath.Join(dir, "s")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	info, err := src.Prepare(context.Background(), proxy.PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	echoThrough(t, info.Channels[0].URI, 100)
+	echoThrough(t, info.Channels[0].URI, 100)
+	// The third stream is refused: the local connection just ends.
+	c, err := net.Dial("unix", strings.TrimPrefix(info.Channels[0].URI, "unix:"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); err == nil || n > 0 {
+		t.Fatalf("third stream carried data: %d %v", n, err)
+	}
+	d, _ := dst.Session(info.ID)
+	if d.Channels[0].Streams != 2 {
+		t.Fatalf("destination counted %d streams, want 2", d.Channels[0].Streams)
+	}
+	if n := accepted.Load(); n != 2 {
+		t.Fatalf("the destination connected its route %d times, want 2", n)
 	}
 }

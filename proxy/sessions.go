@@ -135,7 +135,7 @@ func (s *Server) Prepare(ctx context.Context, req PrepareRequest) (SessionInfo, 
 	if err != nil {
 		return SessionInfo{}, err
 	}
-	sess, err := newSession(RoleSource, req.Peer, s.cfg.SessionTTL)
+	sess, err := newSession(RoleSource, req.Peer, s.cfg.SessionTTL, s.cfg.MaxSessionStreams)
 	if err == nil {
 		sess.id, err = parseSessionID(resp.Session)
 	}
@@ -407,7 +407,7 @@ func (s *Server) preparePeer(peer string, req controlRequest) controlResponse {
 	if err := checkPrepare(PrepareRequest{Peer: peer, Channels: req.Channels}); err != nil {
 		return controlResponse{Error: err.Error()}
 	}
-	sess, err := newSession(RoleDestination, peer, s.cfg.SessionTTL)
+	sess, err := newSession(RoleDestination, peer, s.cfg.SessionTTL, s.cfg.MaxSessionStreams)
 	if err != nil {
 		return controlResponse{Error: err.Error()}
 	}

@@ -69,6 +69,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	socketDir := fs.String("socket-dir", "", "directory of the sessions' UNIX sockets: the source's listeners, the destination's CHANNEL=session routes (default $TMPDIR/migtun)")
 	sessionTTL := fs.Duration("session-ttl", proxy.DefaultSessionTTL, "a prepared session that sees no stream in this time expires")
 	maxSessions := fs.Int("max-sessions", proxy.DefaultMaxSessions, "sessions open at once, at most")
+	maxSessionStreams := fs.Int("max-session-streams", proxy.DefaultMaxSessionStreams, "streams one session may open, at most")
 	finishGrace := fs.Duration("finish-grace", proxy.DefaultFinishGrace, "how long finish waits for a session's streams to end before aborting them")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn or error")
@@ -116,15 +117,16 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 			DialTimeout:      *dialTimeout,
 			IdleTimeout:      *idleTimeout,
 		},
-		Routes:      routes,
-		Forwards:    forwards,
-		DialTimeout: *dialTimeout,
-		SocketDir:   *socketDir,
-		SessionTTL:  *sessionTTL,
-		MaxSessions: *maxSessions,
-		FinishGrace: *finishGrace,
-		Logger:      log,
-		VMs:         vmc,
+		Routes:            routes,
+		Forwards:          forwards,
+		DialTimeout:       *dialTimeout,
+		SocketDir:         *socketDir,
+		SessionTTL:        *sessionTTL,
+		MaxSessions:       *maxSessions,
+		MaxSessionStreams: *maxSessionStreams,
+		FinishGrace:       *finishGrace,
+		Logger:            log,
+		VMs:               vmc,
 	})
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
