@@ -1,14 +1,7 @@
 package migrate
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
-	"errors"
-	"fmt"
-	"io"
-	"net"
-	"net/http"
 	"net/url"
 	"time"
 
@@ -16,66 +9,20 @@ import (
 )
 
 // control is a client of the local migtun's control endpoint.
-type control struct {
-	http *http.Client
-}
+type control struct{ *proxy.Client }
 
 func newControl(spec string) (*control, error) {
-	ep, err := proxy.ParseEndpoint(spec)
+	c, err := proxy.NewClient(spec, 2*time.Minute)
 	if err != nil {
 		return nil, err
 	}
-	if ep.Network != "unix" && ep.Network != "tcp" {
-		return nil, fmt.Errorf("control endpoint %s: want unix:PATH or tcp:HOST:PORT", spec)
-	}
-	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		var d net.Dialer
-		return d.DialContext(ctx, ep.Network, ep.Address)
-	}}
-	return &control{http: &http.Client{Transport: tr, Timeout: 2 * time.Minute}}, nil
+	return &control{c}, nil
 }
 
-func (c *control) close() { c.http.CloseIdleConnections() }
+func (c *control) close() { c.Close() }
 
-// do sends a request with an optional JSON body and decodes the answer.
 func (c *control) do(ctx context.Context, method, path string, body, out any) error {
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return err
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://migtun"+path, rd)
-	if err != nil {
-		return err
-	}
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return fmt.Errorf("the local migtun's control endpoint: %w (is 'migtun serve --control …' running?)", err)
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
-	if err != nil {
-		return err
-	}
-	if resp.StatusCode >= 300 {
-		var e struct {
-			Error string `json:"error"`
-		}
-		if json.Unmarshal(data, &e) == nil && e.Error != "" {
-			return errors.New(e.Error)
-		}
-		return fmt.Errorf("control endpoint answered %s", resp.Status)
-	}
-	if out == nil {
-		return nil
-	}
-	return json.Unmarshal(data, out)
+	return c.Do(ctx, method, path, body, out)
 }
 
 func (c *control) prepare(ctx context.Context, req proxy.PrepareRequest) (*proxy.SessionInfo, error) {

@@ -1,15 +1,12 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"net/url"
 	"strings"
 	"time"
@@ -174,63 +171,16 @@ func printJSON(w io.Writer, v any) error {
 }
 
 // controlClient speaks to a local migtun's control endpoint.
-type controlClient struct {
-	http *http.Client
-	base string
-}
+type controlClient struct{ *proxy.Client }
 
 func newControlClient(spec string) (*controlClient, error) {
-	ep, err := proxy.ParseEndpoint(spec)
+	c, err := proxy.NewClient(spec, 10*time.Minute)
 	if err != nil {
 		return nil, err
 	}
-	tr := &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, ep.Network, ep.Address)
-		},
-	}
-	return &controlClient{http: &http.Client{Transport: tr, Timeout: 10 * time.Minute}, base: "http://migtun"}, nil
+	return &controlClient{c}, nil
 }
 
-// do sends a request with an optional JSON body and decodes the JSON answer
-// into out; an error answer becomes an error with the server's message.
 func (c *controlClient) do(ctx context.Context, method, path string, body, out any) error {
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return err
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, c.base+path, rd)
-	if err != nil {
-		return err
-	}
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return fmt.Errorf("control endpoint: %w (is 'migtun serve --control …' running?)", err)
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
-	if err != nil {
-		return err
-	}
-	if resp.StatusCode >= 300 {
-		var e struct {
-			Error string `json:"error"`
-		}
-		if json.Unmarshal(data, &e) == nil && e.Error != "" {
-			return errors.New(e.Error)
-		}
-		return fmt.Errorf("control endpoint answered %s", resp.Status)
-	}
-	if out == nil {
-		return nil
-	}
-	return json.Unmarshal(data, out)
+	return c.Do(ctx, method, path, body, out)
 }
