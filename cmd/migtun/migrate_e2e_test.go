@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -69,24 +68,7 @@ func (r *migrateRig) migrateCmd(ctx context.Context, extra ...string) (string, e
 // socket is left.
 func (r *migrateRig) checkClean(t *testing.T) {
 	t.Helper()
-	for _, ctl := range []string{r.srcCtl, r.dstCtl} {
-		out, err := migtun(t, "session", "list", "--control", ctl)
-		if err != nil {
-			t.Fatalf("session list: %v\n%s", err, out)
-		}
-		var list []proxy.SessionInfo
-		json.Unmarshal([]byte(out), &list)
-		for _, s := range list {
-			if s.State == proxy.StatePrepared || s.State == proxy.StateActive || s.State == proxy.StateFinishing {
-				t.Errorf("%s: session %s still %s", ctl, s.ID, s.State)
-			}
-		}
-	}
-	for _, d := range []string{r.srcSocks, r.dstSocks} {
-		if left, _ := os.ReadDir(d); len(left) > 0 {
-			t.Errorf("%d session sockets left in %s: %v", len(left), d, left[0].Name())
-		}
-	}
+	checkHostsClean(t, []string{r.srcCtl, r.dstCtl}, r.srcSocks, r.dstSocks)
 }
 
 // TestMigrateCommand moves a paused VM with a random disk and RAM with

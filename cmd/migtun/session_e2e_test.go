@@ -74,11 +74,18 @@ func uriOf(t *testing.T, info proxy.SessionInfo, channel string) string {
 	return ""
 }
 
-// checkClean fails the test if a session is still open on either host or
-// a session socket is left.
+// checkClean fails the test if a session is still open on either host or a
+// session socket is left.
 func (r *sessionRig) checkClean(t *testing.T) {
 	t.Helper()
-	for _, ctl := range []string{r.srcCtl, r.dstCtl} {
+	checkHostsClean(t, []string{r.srcCtl, r.dstCtl}, r.socketDir)
+}
+
+// checkHostsClean fails the test if a session is still open at any of the
+// control endpoints or a file is left in any of the socket directories.
+func checkHostsClean(t *testing.T, controls []string, socketDirs ...string) {
+	t.Helper()
+	for _, ctl := range controls {
 		out, err := migtun(t, "session", "list", "--control", ctl)
 		if err != nil {
 			t.Fatalf("session list: %v\n%s", err, out)
@@ -91,8 +98,10 @@ func (r *sessionRig) checkClean(t *testing.T) {
 			}
 		}
 	}
-	if left, _ := os.ReadDir(r.socketDir); len(left) > 0 {
-		t.Errorf("%d session sockets left in %s", len(left), r.socketDir)
+	for _, d := range socketDirs {
+		if left, _ := os.ReadDir(d); len(left) > 0 {
+			t.Errorf("%d session sockets left in %s: %s", len(left), d, left[0].Name())
+		}
 	}
 }
 
