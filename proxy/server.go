@@ -239,7 +239,6 @@ func (s *Server) Addr() net.Addr {
 // relays had to be aborted.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.stopAccepting()
-	defer s.endAllSessions()
 	done := make(chan struct{})
 	go func() { // owned: ends when relays drain or are aborted below
 		s.mu.Lock()
@@ -257,6 +256,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.abortRelays()
 		<-done
 	}
+	// Sessions hold listeners whose accept loops the wait group counts.
+	s.endAllSessions()
 	s.wg.Wait()
 	s.dialer.Close()
 	return err

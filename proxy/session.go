@@ -110,8 +110,19 @@ type session struct {
 	relays   map[*activeRelay]struct{}
 	wg       sync.WaitGroup     // relays of the session
 	progress *MigrationProgress // reported by migtun migrate on the source
-	timer    *time.Timer        // expiry while prepared
+	timer    *time.Timer        // expiry while without streams
 	timerWG  *sync.WaitGroup    // the server's count of pending expiry timers
+	idle     time.Duration      // how long the session may be without streams
+	expire   func()             // what the timer does
+}
+
+// armTimer starts the expiry timer; called with s.mu held.
+func (s *session) armTimer(d time.Duration) {
+	s.timerWG.Add(1)
+	s.timer = time.AfterFunc(d, func() {
+		defer s.timerWG.Done()
+		s.expire()
+	})
 }
 
 // stopTimer cancels the expiry timer; called with s.mu held.
@@ -188,8 +199,8 @@ func (s *session) addRelay(r *activeRelay) error {
 
 	if s.state == StatePrepared {
 		s.state = StateActive
-		s.stopTimer()
 	}
+	s.stopTimer()
 	s.relays[r] = struct{}{}
 	s.wg.Add(1)
 	r.ch.streams.Add(1)
@@ -205,6 +216,12 @@ func (s *session) removeRelay(r *activeRelay) {
 	r.ch.active.Add(-1)
 	s.mu.Lock()
 	delete(s.relays, r)
+	if s.state == StateActive && len(s.relays) == 0 && s.expire != nil && s.timer == nil {
+		// The last stream ended without a finish: expire unless another
+		// comes (or a finish) within the TTL.
+		s.expires = time.Now().Add(s.idle)
+		s.armTimer(s.idle)
+	}
 	s.mu.Unlock()
 	s.wg.Done()
 }
@@ -260,10 +277,12 @@ func (s *session) info() SessionInfo {
 	st, err := s.state, s.err
 	s.mu.Unlock()
 	in := SessionInfo{ID: s.idString(), Role: s.role, Peer: s.peer, State: st, Created: s.created, Error: err}
-	if st == StatePrepared {
+	s.mu.Lock()
+	if s.timer != nil {
 		e := s.expires
 		in.Expires = &e
 	}
+	s.mu.Unlock()
 	for _, c := range s.order {
 		in.Channels = append(in.Channels, s.channelInfo(c))
 	}

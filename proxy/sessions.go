@@ -234,21 +234,24 @@ func (s *Server) sessionSocketPath(sess *session, channel string) string {
 	return filepath.Join(s.cfg.SocketDir, sess.idString()[:12]+"-"+channel+".sock")
 }
 
-// armExpiry ends the session if it sees no stream within its TTL.
+// armExpiry ends the session if it sees no stream within its TTL, and
+// later if it stays without a stream for that long: an active session whose
+// streams all ended without a finish (a peer died, QEMU gave up) is
+// reclaimed too.
 func (s *Server) armExpiry(sess *session) {
 	sess.mu.Lock()
 	defer sess.mu.Unlock()
 	sess.timerWG = &s.timers
-	s.timers.Add(1)
-	sess.timer = time.AfterFunc(time.Until(sess.expires), func() {
-		defer s.timers.Done()
+	sess.idle = s.cfg.SessionTTL
+	sess.expire = func() {
 		sess.mu.Lock()
-		prepared := sess.state == StatePrepared
+		idle := sess.state == StatePrepared || (sess.state == StateActive && len(sess.relays) == 0)
 		sess.mu.Unlock()
-		if prepared {
-			s.endSession(sess, StateExpired, fmt.Sprintf("no stream within %v", s.cfg.SessionTTL), sess.role == RoleSource)
+		if idle {
+			s.endSession(sess, StateExpired, fmt.Sprintf("no stream for %v", s.cfg.SessionTTL), sess.role == RoleSource)
 		}
-	})
+	}
+	sess.armTimer(time.Until(sess.expires))
 }
 
 // FinishReport is the outcome of finishing a session.

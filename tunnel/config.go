@@ -35,7 +35,9 @@ const (
 	DefaultHandshakeTimeout = 10 * time.Second
 	DefaultDialTimeout      = 5 * time.Second
 	DefaultReplyTimeout     = 15 * time.Second
-	DefaultIdleTimeout      = 30 * time.Second
+	// DefaultIdleTimeout lets a QUIC migration whose peer died fail within
+	// about 4 seconds, as QEMU's source should learn quickly.
+	DefaultIdleTimeout = 4 * time.Second
 )
 
 // Config configures both ends of the transport. The zero value of each field
@@ -61,7 +63,10 @@ type Config struct {
 	// which includes the peer's own local connect.
 	ReplyTimeout time.Duration
 	// IdleTimeout is how long a QUIC connection may go without hearing from
-	// the peer before it is declared dead; keepalives are sent at a third of it.
+	// the peer before it is declared dead (keepalives are sent at a third of
+	// it); for TCP it is the keepalive idle time, with three probes a third
+	// of it apart, and sent data unacknowledged for three times it ends the
+	// connection (TCP_USER_TIMEOUT).
 	IdleTimeout time.Duration
 	// Logger receives one line per refused stream; nil discards.
 	Logger *slog.Logger

@@ -23,6 +23,7 @@ type Dialer struct {
 	quicConns map[string]*quicPeer
 	plainKeys map[string]*clientKey
 	udp       *quic.Transport
+	udpConn   *net.UDPConn // under udp; quic.Transport does not close it
 	closed    bool
 }
 
@@ -83,7 +84,7 @@ func (d *Dialer) Close() error {
 	d.closed = true
 	peers := d.quicConns
 	d.quicConns = map[string]*quicPeer{}
-	udp := d.udp
+	udp, udpConn := d.udp, d.udpConn
 	d.mu.Unlock()
 	for _, p := range peers {
 		<-p.ready
@@ -92,18 +93,24 @@ func (d *Dialer) Close() error {
 		}
 	}
 	if udp != nil {
-		return udp.Close()
+		err := udp.Close()
+		if cerr := udpConn.Close(); err == nil {
+			err = cerr
+		}
+		return err
 	}
 	return nil
 }
 
 func (d *Dialer) dialTCP(ctx context.Context, addr string) (*net.TCPConn, error) {
-	nd := net.Dialer{Timeout: d.cfg.DialTimeout, KeepAlive: 15 * time.Second}
+	nd := net.Dialer{Timeout: d.cfg.DialTimeout, KeepAliveConfig: keepAlive(d.cfg.IdleTimeout)}
 	c, err := nd.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("dialing peer %s: %w", addr, err)
 	}
-	return c.(*net.TCPConn), nil
+	tc := c.(*net.TCPConn)
+	_ = setUserTimeout(tc, userTimeout(d.cfg.IdleTimeout))
+	return tc, nil
 }
 
 // handshake runs a client TLS handshake on c under the handshake timeout.
@@ -113,7 +120,7 @@ func (d *Dialer) handshake(ctx context.Context, c net.Conn, addr string) (*tls.C
 		c.Close()
 		return nil, err
 	}
-	tc := tls.Client(c, d.cfg.clientTLS(host))
+	tc := tls.Client(&tcpConn{TCPConn: c.(*net.TCPConn)}, d.cfg.clientTLS(host))
 	hctx, cancel := context.WithTimeout(ctx, d.cfg.HandshakeTimeout)
 	defer cancel()
 	start := time.Now()
@@ -311,6 +318,7 @@ func (d *Dialer) newQUICConn(ctx context.Context, addr string) (*quic.Conn, erro
 			return nil, fmt.Errorf("opening udp socket: %w", err)
 		}
 		d.udp = &quic.Transport{Conn: udp}
+		d.udpConn = udp
 	}
 	tr := d.udp
 	p := &quicPeer{ready: make(chan struct{})}
@@ -381,4 +389,15 @@ func quicConfig(c *Config) *quic.Config {
 		MaxConnectionReceiveWindow:     256 << 20,
 		MaxIncomingStreams:             4096,
 	}
+}
+
+// userTimeout is how long sent data may stay unacknowledged on a tunnel
+// TCP connection: three idle timeouts.
+func userTimeout(idle time.Duration) time.Duration { return 3 * idle }
+
+// keepAlive is the TCP keepalive of tunnel connections: a peer silent for
+// idle is probed three times a third of idle apart, so a dead peer of an
+// idle or receiving connection is noticed within about twice idle.
+func keepAlive(idle time.Duration) net.KeepAliveConfig {
+	return net.KeepAliveConfig{Enable: true, Idle: idle, Interval: idle / 3, Count: 3}
 }

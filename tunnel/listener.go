@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -211,8 +212,11 @@ func (l *Listener) acceptTCP() {
 			continue
 		}
 		backoff = 0
+		tc := c.(*net.TCPConn)
+		_ = tc.SetKeepAliveConfig(keepAlive(l.cfg.IdleTimeout))
+		_ = setUserTimeout(tc, userTimeout(l.cfg.IdleTimeout))
 		l.wg.Add(1)
-		go l.handshakeTCP(c.(*net.TCPConn))
+		go l.handshakeTCP(tc)
 	}
 }
 
@@ -231,7 +235,7 @@ func (l *Listener) handshakeTCP(c *net.TCPConn) {
 		c.Close()
 		return
 	}
-	pc := &peekedConn{TCPConn: c, first: first[:]}
+	pc := &tcpConn{TCPConn: c, first: first[:]}
 	var in *Incoming
 	var err error
 	if first[0] == tlsRecordHandshake {
@@ -255,7 +259,7 @@ func (l *Listener) handshakeTCP(c *net.TCPConn) {
 
 // handshakeTLS runs the TLS handshake and reads the header. It returns
 // (nil, nil) for a stream it served itself.
-func (l *Listener) handshakeTLS(pc *peekedConn) (*Incoming, error) {
+func (l *Listener) handshakeTLS(pc *tcpConn) (*Incoming, error) {
 	tc := tls.Server(pc, l.tls)
 	s := &tlsStream{Conn: tc}
 	start := time.Now()
@@ -293,7 +297,7 @@ func (l *Listener) handshakeTLS(pc *peekedConn) (*Incoming, error) {
 }
 
 // readPlain reads and authenticates a plain stream's header.
-func (l *Listener) readPlain(pc *peekedConn) (*Incoming, error) {
+func (l *Listener) readPlain(pc *tcpConn) (*Incoming, error) {
 	s := &plainStream{TCPConn: pc.TCPConn}
 	if !l.cfg.AllowPlaintext {
 		err := &RefusedError{Reason: ReasonPlainDisabled, Detail: "this port does not allow plaintext"}
@@ -376,18 +380,24 @@ func peerName(cs tls.ConnectionState) string {
 	return ""
 }
 
-// peekedConn is a TCP connection whose first byte was read to tell TLS from
-// plain; Read returns that byte first.
-type peekedConn struct {
+// tcpConn is the TCP connection under a TLS stream. On the listening side
+// its first byte was read to tell TLS from plain, and Read returns it
+// first. It records whether the peer's end (EOF) was read.
+type tcpConn struct {
 	*net.TCPConn
-	first []byte
+	first  []byte
+	rawEOF atomic.Bool
 }
 
-func (c *peekedConn) Read(b []byte) (int, error) {
+func (c *tcpConn) Read(b []byte) (int, error) {
 	if len(c.first) > 0 {
 		n := copy(b, c.first)
 		c.first = c.first[n:]
 		return n, nil
 	}
-	return c.TCPConn.Read(b)
+	n, err := c.TCPConn.Read(b)
+	if err == io.EOF {
+		c.rawEOF.Store(true)
+	}
+	return n, err
 }

@@ -2,6 +2,8 @@ package tunnel
 
 import (
 	"crypto/tls"
+	"errors"
+	"io"
 	"net"
 	"time"
 
@@ -45,6 +47,21 @@ func (s *plainStream) Abort() error { return resetTCP(s.TCPConn) }
 // tlsStream is one TLS connection carrying one stream.
 type tlsStream struct{ *tls.Conn }
 
+// Read reads from the stream. crypto/tls reports a TCP end without a
+// close_notify at a record boundary as a clean io.EOF; a peer that died
+// (killed, its host gone) ends that way, so such an end is reported as
+// io.ErrUnexpectedEOF, a failure, while a peer's CloseWrite (close_notify
+// first) stays io.EOF.
+func (s *tlsStream) Read(b []byte) (int, error) {
+	n, err := s.Conn.Read(b)
+	if err == io.EOF {
+		if tc, ok := s.NetConn().(*tcpConn); ok && tc.rawEOF.Load() {
+			err = io.ErrUnexpectedEOF
+		}
+	}
+	return n, err
+}
+
 // CloseWrite sends close_notify and half-closes the TCP connection.
 func (s *tlsStream) CloseWrite() error {
 	err := s.Conn.CloseWrite()
@@ -69,6 +86,40 @@ const (
 	quicCodeClosed  quic.StreamErrorCode = 0
 	quicCodeAborted quic.StreamErrorCode = 1
 )
+
+// Read and Write report a lost peer connection as a failure. quic-go's
+// connection errors unwrap to net.ErrClosed, which would read as a close
+// on purpose.
+func (s *quicStream) Read(b []byte) (int, error) {
+	n, err := s.Stream.Read(b)
+	return n, quicErr(err)
+}
+
+func (s *quicStream) Write(b []byte) (int, error) {
+	n, err := s.Stream.Write(b)
+	return n, quicErr(err)
+}
+
+// PeerLostError is a stream's error when the connection to the peer was
+// lost: idle timeout, stateless reset, a transport error, or the peer
+// closing the connection with an error.
+type PeerLostError struct{ Err error }
+
+func (e *PeerLostError) Error() string { return "peer connection lost: " + e.Err.Error() }
+
+func quicErr(err error) error {
+	if err == nil || err == io.EOF {
+		return err
+	}
+	var idle *quic.IdleTimeoutError
+	var reset *quic.StatelessResetError
+	var te *quic.TransportError
+	var ae *quic.ApplicationError
+	if errors.As(err, &idle) || errors.As(err, &reset) || errors.As(err, &te) || (errors.As(err, &ae) && ae.Remote) {
+		return &PeerLostError{Err: err}
+	}
+	return err
+}
 
 func (s *quicStream) LocalAddr() net.Addr  { return s.conn.LocalAddr() }
 func (s *quicStream) RemoteAddr() net.Addr { return s.conn.RemoteAddr() }
