@@ -30,7 +30,7 @@ vet:
 # Unit tests, fuzz seed corpora (Fuzz* run their seeds as tests) and the
 # end-to-end tests, which build bin/migtun themselves and run real QEMU.
 unit:
-	$(GO) test -race -shuffle=on -timeout 20m ./...
+	$(GO) test -race -shuffle=on -timeout 45m ./...
 
 # The Go benchmarks, once each and briefly, so they do not rot.
 bench-smoke:
