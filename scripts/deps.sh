@@ -2,7 +2,8 @@
 # Installs what migtun's demo and tests need on a Debian machine: QEMU (to
 # migrate real VMs), strace (to show splice(2) at work) and socat (a
 # baseline relay), stunnel (the OpenSSL baseline of migtun bench) and
-# libvirt (the virsh migrate interop test). Go modules are fetched by the go
+# libvirt (the virsh migrate interop test), nftables and iproute2 (the
+# network-namespace tests). Go modules are fetched by the go
 # command itself.
 set -euo pipefail
 
@@ -14,6 +15,8 @@ command -v socat >/dev/null || need+=(socat)
 command -v stunnel >/dev/null || command -v stunnel4 >/dev/null || need+=(stunnel4)
 command -v libvirtd >/dev/null || command -v virtqemud >/dev/null || need+=(libvirt-daemon libvirt-daemon-driver-qemu)
 command -v virsh >/dev/null || need+=(libvirt-clients)
+command -v nft >/dev/null || need+=(nftables)
+command -v ip >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
