@@ -45,26 +45,12 @@ func newSessHosts(t *testing.T, tr tunnel.Transport, ttl time.Duration) *sessHos
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	echo := sessEcho(t, filepath.Join(dir, "echo.sock"))
 	ca := testpki.NewCA(t)
-	dst, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "dst"), tr),
+	dst := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "dst"), tr),
 		Routes: []proxy.Route{{Channel: "main", Target: proxy.Endpoint{Network: "unix", Address: echo}}}, SessionTTL: ttl,
 		FinishGrace: 2 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := dst.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { dst.Close() })
 	h := &sessHosts{dst: dst, ca: ca, transport: tr, sockDir: filepath.Join(dir, "socks")}
-	src, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "src"), tr),
+	src := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "src"), tr),
 		SocketDir: h.sockDir, SessionTTL: ttl, FinishGrace: 2 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := src.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { src.Close() })
 	h.src = src
 	return h
 }
@@ -354,24 +340,10 @@ func TestSessionSocketRoute(t *testing.T) {
 	ca := testpki.NewCA(t)
 	dstDir := filepath.Join(dir, "d")
 	os.Mkdir(dstDir, 0o700)
-	dst, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "dst"), tunnel.TLS),
+	dst := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "dst"), tunnel.TLS),
 		Routes: []proxy.Route{{Channel: "main", Target: proxy.SessionSocket}}, SocketDir: dstDir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := dst.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer dst.Close()
-	src, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "src"), tunnel.TLS),
+	src := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "src"), tunnel.TLS),
 		SocketDir: filepath.Join(dir, "s")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := src.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
 	info, err := src.Prepare(context.Background(), proxy.PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main"}})
 	if err != nil {
 		t.Fatal(err)
@@ -423,24 +395,10 @@ func TestSessionStreamLimit(t *testing.T) {
 	}()
 	defer func() { ln.Close(); <-served }()
 	ca := testpki.NewCA(t)
-	dst, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "dst"), tunnel.TLS),
+	dst := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "dst"), tunnel.TLS),
 		Routes: []proxy.Route{{Channel: "main", Target: proxy.Endpoint{Network: "unix", Address: echo}}}, MaxSessionStreams: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := dst.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer dst.Close()
-	src, err := proxy.New(proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "src"), tunnel.TLS),
+	src := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "src"), tunnel.TLS),
 		SocketDir: filepath.Join(dir, "s")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := src.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer src.Close()
 	info, err := src.Prepare(context.Background(), proxy.PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main"}})
 	if err != nil {
 		t.Fatal(err)
