@@ -136,3 +136,18 @@ func TestRunChecksOptions(t *testing.T) {
 		}
 	}
 }
+
+func TestWantCapsPreempt(t *testing.T) {
+	r := &run{o: Options{Postcopy: true, Multifd: 4}}
+	caps := r.wantCaps(map[string]bool{"multifd": false, "postcopy-ram": false, "postcopy-preempt": false})
+	if !caps["postcopy-preempt"] || !caps["postcopy-ram"] || !caps["multifd"] {
+		t.Fatalf("QEMU 8.0+ offering preempt: %v", caps)
+	}
+	caps = r.wantCaps(map[string]bool{"multifd": false, "postcopy-ram": false})
+	if _, ok := caps["postcopy-preempt"]; ok {
+		t.Fatalf("QEMU 7.2 (no preempt): %v", caps)
+	}
+	if caps := (&run{o: Options{}}).wantCaps(map[string]bool{"postcopy-preempt": false}); len(caps) != 0 {
+		t.Fatalf("no postcopy asked: %v", caps)
+	}
+}

@@ -308,14 +308,21 @@ func selectDisks(devs []blockDevice, want []string) ([]*disk, error) {
 	return out, nil
 }
 
-// wantCaps are the capabilities both sides set.
-func (r *run) wantCaps() map[string]bool {
+// wantCaps are the capabilities both sides set, given those the source
+// QEMU offers: with postcopy, the postcopy-preempt channel (QEMU 8.0+) is
+// used when offered. QEMU opens that channel to the same URI once postcopy
+// starts, after the main and multifd channels, so the main channel's
+// forward delivers it in its turn like any other.
+func (r *run) wantCaps(offered map[string]bool) map[string]bool {
 	caps := map[string]bool{}
 	if r.o.Multifd > 0 {
 		caps["multifd"] = true
 	}
 	if r.o.Postcopy {
 		caps["postcopy-ram"] = true
+		if _, ok := offered["postcopy-preempt"]; ok {
+			caps["postcopy-preempt"] = true
+		}
 	}
 	return caps
 }
@@ -324,13 +331,12 @@ func (r *run) wantCaps() map[string]bool {
 func (r *run) prepare(ctx context.Context) error {
 	r.progress(Progress{Step: StepPrepare})
 	// The source must offer the capabilities before the peer is bothered.
-	// postcopy-preempt (QEMU 8.0+) is left off: its extra connection would
-	// need its own ordering on the main channel.
 	offered, err := r.q.QueryMigrateCapabilities(ctx)
 	if err != nil {
 		return err
 	}
-	caps, err := capabilitySet(offered, r.wantCaps(), "source QEMU "+r.q.Version().String())
+	want := r.wantCaps(offered)
+	caps, err := capabilitySet(offered, want, "source QEMU "+r.q.Version().String())
 	if err != nil {
 		return err
 	}
@@ -344,7 +350,7 @@ func (r *run) prepare(ctx context.Context) error {
 	}
 	r.session = info
 	r.res.Session = info.ID
-	req := proxy.VMPrepare{Capabilities: r.wantCaps()}
+	req := proxy.VMPrepare{Capabilities: want}
 	if r.o.Multifd > 0 {
 		req.MultifdChannels = r.o.Multifd
 	}
