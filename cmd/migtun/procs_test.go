@@ -67,7 +67,13 @@ func pki(t *testing.T, hosts ...string) string {
 // log if the test failed). wrap, if set, prefixes the command (for strace).
 func startServe(t *testing.T, pkiDir, host string, wrap []string, args ...string) *sidecar.Proc {
 	t.Helper()
-	full := append([]string{"serve", "--listen", "127.0.0.1:0",
+	return startServeAt(t, pkiDir, host, "127.0.0.1:0", wrap, args...)
+}
+
+// startServeAt is startServe with the tunnel port at listen.
+func startServeAt(t *testing.T, pkiDir, host, listen string, wrap []string, args ...string) *sidecar.Proc {
+	t.Helper()
+	full := append([]string{"serve", "--listen", listen,
 		"--cert", filepath.Join(pkiDir, host+".crt"), "--key", filepath.Join(pkiDir, host+".key"),
 		"--ca", filepath.Join(pkiDir, "ca.crt"), "--log-level", "debug"}, args...)
 	p, err := sidecar.Start(migtunBin, wrap, filepath.Join(t.TempDir(), host+".log"), full...)

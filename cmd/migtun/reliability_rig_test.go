@@ -4,7 +4,6 @@ package main
 // knows, session hosts, sinks and network namespaces.
 
 import (
-	"bufio"
 	"bytes"
 	"crypto/sha256"
 	"encoding/json"
@@ -14,15 +13,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/migtun/migtun/internal/sidecar"
 	"github.com/migtun/migtun/proxy"
 )
 
@@ -35,112 +33,19 @@ func knownBug(t *testing.T, format string, args ...any) {
 
 // relProc is a "migtun serve" whose PID the test knows, so that it can be
 // killed with SIGKILL and its memory read.
-type relProc struct {
-	Addr    string
-	logPath string
-	cmd     *exec.Cmd
-	exited  chan struct{}
-	err     error
-	killed  atomic.Bool
-}
+type relProc = sidecar.Proc
 
-var relReadyRE = regexp.MustCompile(`ready: listening on (\S+) `)
-
-// startRel starts "migtun serve" like startServe, optionally under wrap
-// (which must exec migtun, as "ip netns exec" does), and stops it when the
-// test ends unless the test killed it.
+// startRel starts "migtun serve" with its tunnel port at listen, optionally
+// under wrap (which must exec migtun, as "ip netns exec" does), and stops
+// it when the test ends unless the test killed it.
 func startRel(t *testing.T, pkiDir, host, listen string, wrap []string, args ...string) *relProc {
 	t.Helper()
-	argv := append(append([]string{}, wrap...), migtunBin, "serve", "--listen", listen,
-		"--cert", filepath.Join(pkiDir, host+".crt"), "--key", filepath.Join(pkiDir, host+".key"),
-		"--ca", filepath.Join(pkiDir, "ca.crt"), "--log-level", "debug")
-	argv = append(argv, args...)
-	p := &relProc{logPath: filepath.Join(t.TempDir(), host+".log"), exited: make(chan struct{})}
-	p.cmd = exec.Command(argv[0], argv[1:]...)
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	logf, err := os.Create(p.logPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.cmd.Stderr = logf
-	stdout, err := p.cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	ready := make(chan string, 1)
-	go func() { // ends when the process closes its stdout
-		sc := bufio.NewScanner(stdout)
-		for sc.Scan() {
-			if m := relReadyRE.FindStringSubmatch(sc.Text()); m != nil {
-				select {
-				case ready <- m[1]:
-				default:
-				}
-			}
-		}
-	}()
-	go func() { // ends when the process exits
-		p.err = p.cmd.Wait()
-		logf.Close()
-		close(p.exited)
-	}()
-	t.Cleanup(func() {
-		select {
-		case <-p.exited:
-		default:
-			p.cmd.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-p.exited:
-				if p.err != nil {
-					t.Errorf("%s: migtun serve after SIGTERM: %v", host, p.err)
-				}
-			case <-time.After(40 * time.Second):
-				p.Kill()
-				t.Errorf("%s: migtun serve did not stop within 40s of SIGTERM", host)
-			}
-		}
-		if t.Failed() {
-			t.Logf("%s log:\n%s", host, p.Log(60))
-		}
-	})
-	select {
-	case p.Addr = <-ready:
-	case <-p.exited:
-		t.Fatalf("%s exited before it was ready (%v):\n%s", host, p.err, p.Log(20))
-	case <-time.After(30 * time.Second):
-		p.Kill()
-		t.Fatalf("%s not ready after 30s", host)
-	}
-	return p
+	return startServeAt(t, pkiDir, host, listen, wrap, args...)
 }
 
-func (p *relProc) Log(n int) string {
-	b, _ := os.ReadFile(p.logPath)
-	l := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(l) > n {
-		l = l[len(l)-n:]
-	}
-	return strings.Join(l, "\n")
-}
-
-// Kill sends SIGKILL and waits for the process to be gone.
-func (p *relProc) Kill() {
-	p.killed.Store(true)
-	p.cmd.Process.Kill()
-	<-p.exited
-}
-
-// RSS returns the resident set size of the process in bytes.
-func (p *relProc) RSS(t *testing.T) int64 {
-	return procStatusBytes(t, p.cmd.Process.Pid, "VmRSS")
-}
-
-// PeakRSS returns the highest resident set size the process had.
-func (p *relProc) PeakRSS(t *testing.T) int64 {
-	return procStatusBytes(t, p.cmd.Process.Pid, "VmHWM")
+// rss returns the resident set size of the process in bytes.
+func rss(t *testing.T, p *relProc) int64 {
+	return procStatusBytes(t, p.PID(), "VmRSS")
 }
 
 func procStatusBytes(t *testing.T, pid int, field string) int64 {

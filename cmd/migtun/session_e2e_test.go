@@ -147,17 +147,7 @@ func TestSessionMigration(t *testing.T) {
 			if err := vmtest.CompareImages(src, dst); err != nil {
 				t.Fatal(err)
 			}
-			out, err := migtun(t, "session", "finish", "--control", r.srcCtl, info.ID)
-			if err != nil {
-				t.Fatalf("session finish: %v\n%s", err, out)
-			}
-			var rep proxy.FinishReport
-			if err := json.Unmarshal([]byte(out), &rep); err != nil {
-				t.Fatal(err)
-			}
-			if len(rep.Mismatch) != 0 || rep.Session.State != proxy.StateFinished {
-				t.Fatalf("finish report: state %s, mismatches %q\n%s", rep.Session.State, rep.Mismatch, out)
-			}
+			rep := finishSession(t, r.srcCtl, info.ID)
 			for _, c := range rep.Session.Channels {
 				want := int64(1)
 				if c.Name == "main" {
@@ -201,6 +191,24 @@ func (r *sessionRig) waitChannelIdle(ctx context.Context, t *testing.T, id, chan
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
+}
+
+// finishSession runs "migtun session finish" and requires both hosts to
+// agree.
+func finishSession(t *testing.T, ctl, id string) proxy.FinishReport {
+	t.Helper()
+	out, err := migtun(t, "session", "finish", "--control", ctl, id)
+	if err != nil {
+		t.Fatalf("session finish: %v\n%s", err, out)
+	}
+	var rep proxy.FinishReport
+	if err := json.Unmarshal([]byte(out), &rep); err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Mismatch) != 0 || rep.Session.State != proxy.StateFinished {
+		t.Fatalf("finish report: state %s, mismatches %q\n%s", rep.Session.State, rep.Mismatch, out)
+	}
+	return rep
 }
 
 func startVMs(ctx context.Context, t *testing.T, dir string, ram, disk int64) (src, dst *vmtest.VM) {

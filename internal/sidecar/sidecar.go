@@ -12,6 +12,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -27,6 +28,7 @@ type Proc struct {
 	wrapped bool
 	exited  chan struct{}
 	err     error
+	killed  atomic.Bool
 }
 
 var readyRE = regexp.MustCompile(`ready: listening on (\S+) `)
@@ -92,6 +94,9 @@ func (p *Proc) Log(n int) string {
 	return strings.Join(l, "\n")
 }
 
+// PID returns migtun's process ID, also when it runs under a wrapper.
+func (p *Proc) PID() int { return p.pid() }
+
 // pid returns the process to signal: migtun itself, also when wrapped.
 func (p *Proc) pid() int {
 	pid := p.cmd.Process.Pid
@@ -110,10 +115,14 @@ func (p *Proc) pid() int {
 var ErrStopTimeout = errors.New("sidecar: migtun did not stop in time after SIGTERM and was killed")
 
 // Stop sends SIGTERM and waits up to timeout for the process to exit; it
-// returns the exit error, if any. Stop may be called more than once.
+// returns the exit error, if any (none for a process Kill ended). Stop may
+// be called more than once.
 func (p *Proc) Stop(timeout time.Duration) error {
 	select {
 	case <-p.exited:
+		if p.killed.Load() {
+			return nil
+		}
 		return p.err
 	default:
 	}
@@ -129,6 +138,7 @@ func (p *Proc) Stop(timeout time.Duration) error {
 
 // Kill kills the process at once and waits for it.
 func (p *Proc) Kill() {
+	p.killed.Store(true)
 	syscall.Kill(p.pid(), syscall.SIGKILL)
 	p.cmd.Process.Kill()
 	<-p.exited
