@@ -69,6 +69,10 @@ func (c *control) vmFinish(ctx context.Context, id string, req proxy.VMRequest) 
 	return &r, nil
 }
 
+func (c *control) vmRecover(ctx context.Context, id string, req proxy.VMRequest) error {
+	return c.do(ctx, "POST", "/v1/sessions/"+url.PathEscape(id)+"/vm-recover", req, nil)
+}
+
 func (c *control) vmAbort(ctx context.Context, id string, req proxy.VMRequest) error {
 	return c.do(ctx, "POST", "/v1/sessions/"+url.PathEscape(id)+"/vm-abort", req, nil)
 }

@@ -222,6 +222,70 @@ func (c *Controller) FinishIncoming(ctx context.Context, vm, session string, res
 	return r, nil
 }
 
+// RecoverIncoming waits until the VM's incoming postcopy migration has
+// paused (this host may notice a broken channel later than the source),
+// then has its QEMU listen on main (the session's own main route) for the
+// source's resumed channel. A recovery already listening is not an error,
+// so the source may retry a request whose answer it lost.
+func (c *Controller) RecoverIncoming(ctx context.Context, vm, session string, main proxy.Endpoint) error {
+	st, err := c.acquire(vm, session, false)
+	if err != nil {
+		return err
+	}
+	defer c.release(vm, st, false)
+	uri, err := endpointURI(main)
+	if err != nil {
+		return fmt.Errorf("VM %q: the main channel's route: %w", vm, err)
+	}
+	q, err := c.dial(ctx, vm)
+	if err != nil {
+		return err
+	}
+	defer q.Close()
+	status, err := waitPostcopyPaused(ctx, q)
+	if err != nil {
+		return fmt.Errorf("VM %q: %w", vm, err)
+	}
+	if status == qmp.MigrationPostcopyRecover {
+		return nil // the source's channel is back already
+	}
+	if err := q.MigrateRecover(ctx, uri); err != nil {
+		if strings.Contains(err.Error(), "triggered already") {
+			return nil // QEMU 7.2's words for a recovery that listens already
+		}
+		return fmt.Errorf("VM %q: migrate-recover: %w", vm, err)
+	}
+	c.log.Warn("VM listens again for its paused postcopy migration", "vm", vm, "session", session, "uri", uri)
+	return nil
+}
+
+// waitPostcopyPaused waits while the incoming migration is postcopy-active
+// and returns postcopy-paused or postcopy-recover; a migration that is not
+// in postcopy, or ended, is an error.
+func waitPostcopyPaused(ctx context.Context, q *qmp.Client) (string, error) {
+	t := time.NewTicker(pollInterval)
+	defer t.Stop()
+	for {
+		info, err := q.QueryMigrate(ctx)
+		if err != nil {
+			return "", err
+		}
+		switch info.Status {
+		case qmp.MigrationPostcopyPaused, qmp.MigrationPostcopyRecover:
+			return info.Status, nil
+		case qmp.MigrationPostcopyActive:
+			// This host has not noticed the break yet.
+		default:
+			return "", fmt.Errorf("its incoming migration is %q, not a paused postcopy migration", info.Status)
+		}
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("its incoming migration did not pause: %w", ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
 // AbortIncoming gives up the session's incoming migration: the NBD server
 // is stopped if the VM's QEMU is still there. (QEMU cannot take back a
 // migrate-incoming; a destination whose incoming migration failed exits.)

@@ -111,6 +111,9 @@ func TestControllerRefuses(t *testing.T) {
 	if _, err := c.FinishIncoming(ctx, "vm1", "s1", false); err == nil || !strings.Contains(err.Error(), "not prepared") {
 		t.Fatalf("finish unprepared: %v", err)
 	}
+	if err := c.RecoverIncoming(ctx, "vm1", "s1", proxy.Endpoint{Network: "unix", Address: "/nonexistent/in.sock"}); err == nil || !strings.Contains(err.Error(), "not prepared") {
+		t.Fatalf("recover unprepared: %v", err)
+	}
 	if err := c.AbortIncoming(ctx, "vm1", "s1"); err != nil {
 		t.Fatalf("abort unprepared: %v", err)
 	}
@@ -128,6 +131,8 @@ func TestRunChecksOptions(t *testing.T) {
 		{CopyStorage: "some"},
 		{Disks: []string{"disk0"}},
 		{Multifd: 300},
+		{Postcopy: true, PostcopyStart: "later"},
+		{Postcopy: true, PostcopyBandwidth: -1},
 	} {
 		_, err := Run(context.Background(), o)
 		var se *StepError

@@ -17,6 +17,29 @@ import (
 // limit: 100 GiB/s, in effect no limit.
 const DefaultMaxBandwidth = 100 << 30
 
+// DefaultRecoverTimeout is how long a postcopy migration paused by a broken
+// channel is tried to be recovered. It stays below the sessions' default
+// time-to-live (proxy.DefaultSessionTTL), which ends a session left
+// without streams.
+const DefaultRecoverTimeout = 90 * time.Second
+
+// When a postcopy migration switches from precopy to postcopy.
+const (
+	// PostcopyAfterFirstPass switches once the whole RAM was sent once
+	// (the default).
+	PostcopyAfterFirstPass = "first-pass"
+	// PostcopyImmediately switches as soon as the migration runs: the
+	// destination runs the guest at once and pulls every page.
+	PostcopyImmediately = "immediately"
+)
+
+// ErrPostcopyPaused is wrapped by the error of a migration that broke in
+// postcopy and could not be recovered in time. The guest's state is split
+// between the hosts: neither QEMU is resumed or cancelled, both are left
+// postcopy-paused, so the migration can still be recovered by hand
+// (migrate-recover on the destination, migrate with resume on the source).
+var ErrPostcopyPaused = errors.New("postcopy migration paused and not recovered; both QEMUs are left postcopy-paused")
+
 // Steps, as errors and progress name them.
 const (
 	StepBegin   = "begin"
@@ -45,8 +68,21 @@ type Options struct {
 	Disks []string
 	// Multifd is the number of multifd channels; 0 disables multifd.
 	Multifd int
-	// Postcopy switches to postcopy after the first pass.
+	// Postcopy lets the migration switch to postcopy, when PostcopyStart
+	// says. If the tunnel breaks in postcopy, both QEMUs pause and the
+	// migration is recovered through the same session once the path is
+	// back, for up to RecoverTimeout.
 	Postcopy bool
+	// PostcopyStart is PostcopyAfterFirstPass (the default, also for "")
+	// or PostcopyImmediately.
+	PostcopyStart string
+	// PostcopyBandwidth limits the background page push in postcopy, in
+	// bytes/s (QEMU's max-postcopy-bandwidth); 0 sets no limit.
+	PostcopyBandwidth int64
+	// RecoverTimeout bounds the recovery of a postcopy migration paused
+	// by a broken channel; default DefaultRecoverTimeout. It should stay
+	// below both hosts' session time-to-live.
+	RecoverTimeout time.Duration
 	// MaxBandwidth is the migration bandwidth limit in bytes/s; default
 	// DefaultMaxBandwidth.
 	MaxBandwidth int64
@@ -70,6 +106,9 @@ type Progress struct {
 	Migration *qmp.MigrationInfo `json:"migration,omitempty"`
 	// Postcopy is true once postcopy was started.
 	Postcopy bool `json:"postcopy,omitempty"`
+	// Recovering says why a postcopy migration paused by a broken channel
+	// is not resumed yet (the last attempt's error), while it is retried.
+	Recovering string `json:"recovering,omitempty"`
 }
 
 // DiskProgress is one disk's mirror.
@@ -96,6 +135,9 @@ type Result struct {
 	// Downtime is QEMU's measured downtime.
 	Downtime time.Duration `json:"downtime_ns"`
 	Postcopy bool          `json:"postcopy"`
+	// Recoveries counts the times a postcopy migration paused by a broken
+	// channel was resumed.
+	Recoveries int `json:"recoveries,omitempty"`
 	// DestStatus and SourceStatus are the VMs' run states at the end.
 	DestStatus   string `json:"dest_status"`
 	SourceStatus string `json:"source_status"`
@@ -137,7 +179,13 @@ type run struct {
 	vmPrepared bool
 	migrating  bool
 	finished   bool // vm-finish answered: the destination owns the VM
-	postcopy   bool
+	postcopy   bool // migrate-start-postcopy was sent
+	// inPostcopy is set once QEMU reported a postcopy state: from then on
+	// the destination runs the guest and the source must never resume.
+	inPostcopy bool
+	// pausedAt is when the current postcopy pause began; zero when the
+	// migration is not paused.
+	pausedAt time.Time
 	res        Result
 }
 
@@ -154,6 +202,19 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	if len(o.Disks) > 0 && o.CopyStorage == "" {
 		return nil, &StepError{StepBegin, errors.New("disks given without copy-storage all or inc")}
+	}
+	switch o.PostcopyStart {
+	case "":
+		o.PostcopyStart = PostcopyAfterFirstPass
+	case PostcopyAfterFirstPass, PostcopyImmediately:
+	default:
+		return nil, &StepError{StepBegin, fmt.Errorf("postcopy start %q: want %s or %s", o.PostcopyStart, PostcopyAfterFirstPass, PostcopyImmediately)}
+	}
+	if o.RecoverTimeout <= 0 {
+		o.RecoverTimeout = DefaultRecoverTimeout
+	}
+	if o.PostcopyBandwidth < 0 {
+		return nil, &StepError{StepBegin, fmt.Errorf("postcopy bandwidth %d: want 0 (no limit) or more", o.PostcopyBandwidth)}
 	}
 	if o.Multifd < 0 || o.Multifd > 255 {
 		return nil, &StepError{StepBegin, fmt.Errorf("multifd %d: want 0 to 255", o.Multifd)}
@@ -375,6 +436,9 @@ func (r *run) prepare(ctx context.Context) error {
 	if r.o.Downtime > 0 {
 		params["downtime-limit"] = r.o.Downtime.Milliseconds()
 	}
+	if r.o.Postcopy {
+		params["max-postcopy-bandwidth"] = r.o.PostcopyBandwidth
+	}
 	return r.q.MigrateSetParameters(ctx, params)
 }
 
@@ -417,7 +481,15 @@ func (r *run) mirror(ctx context.Context) error {
 	}
 	start := time.Now()
 	for _, d := range r.disks {
-		if err := r.q.BlockdevAdd(ctx, map[string]any{"driver": "nbd", "node-name": d.target, "export": d.node, "server": server}); err != nil {
+		args := map[string]any{"driver": "nbd", "node-name": d.target, "export": d.node, "server": server}
+		if r.o.Postcopy {
+			// A tunnel break in postcopy also breaks the nbd streams: the
+			// NBD client reconnects through the session's nbd socket
+			// meanwhile, holding its requests, instead of failing the
+			// mirror the destination's disks depend on.
+			args["reconnect-delay"] = int64(r.o.RecoverTimeout / time.Second)
+		}
+		if err := r.q.BlockdevAdd(ctx, args); err != nil {
 			return fmt.Errorf("disk %s: %w", d.node, err)
 		}
 		d.added = true
@@ -514,17 +586,87 @@ func (r *run) perform(ctx context.Context) error {
 			r.migrating = false
 			return errors.New("QEMU: migration cancelled")
 		case qmp.MigrationActive:
-			if r.o.Postcopy && !r.postcopy && info.RAM != nil && info.RAM.DirtySyncCount >= 2 {
+			if r.o.Postcopy && !r.postcopy && (r.o.PostcopyStart == PostcopyImmediately || info.RAM != nil && info.RAM.DirtySyncCount >= 2) {
 				if err := r.q.Execute(ctx, "migrate-start-postcopy", nil, nil); err != nil {
 					return err
 				}
 				r.postcopy = true
+			}
+		case qmp.MigrationPostcopyActive:
+			r.inPostcopy = true
+			r.pausedAt = time.Time{}
+		case qmp.MigrationPostcopyRecover:
+			r.inPostcopy = true
+		case qmp.MigrationPostcopyPaused:
+			r.inPostcopy = true
+			if err := r.recoverPostcopy(ctx); err != nil {
+				return err
 			}
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-t.C:
+		}
+	}
+}
+
+// recoverPostcopy makes one attempt to resume a postcopy migration that
+// QEMU paused because its channel broke: the destination QEMU is asked
+// (vm-recover) to listen again on the session's main route once it has
+// paused too, then the source QEMU resumes into the session's main socket,
+// and a new main stream crosses the tunnel. The session outlives the
+// broken streams, so no path or token changes. A failed attempt (the path
+// is still down, the destination has not noticed the break yet) is
+// reported as progress and retried at the next poll, until RecoverTimeout
+// has passed since the pause began.
+func (r *run) recoverPostcopy(ctx context.Context) error {
+	if r.pausedAt.IsZero() {
+		r.pausedAt = time.Now()
+		r.res.Recoveries++
+	}
+	err := r.tryRecover(ctx)
+	if err == nil {
+		return nil
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if time.Since(r.pausedAt) > r.o.RecoverTimeout {
+		return fmt.Errorf("%w: the migration channel broke and %v of retries did not bring it back: %v", ErrPostcopyPaused, r.o.RecoverTimeout, err)
+	}
+	r.progress(Progress{Step: StepPerform, Migration: &qmp.MigrationInfo{Status: qmp.MigrationPostcopyPaused}, Recovering: err.Error()})
+	select { // the tunnel is down or the destination not paused yet
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(time.Second):
+	}
+	return nil
+}
+
+// tryRecover is one attempt of recoverPostcopy. It returns once the source
+// QEMU has left postcopy-paused.
+func (r *run) tryRecover(ctx context.Context) error {
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := r.ctl.vmRecover(cctx, r.session.ID, proxy.VMRequest{VM: r.o.DestVM}); err != nil {
+		return fmt.Errorf("destination: %w", err)
+	}
+	if err := r.q.MigrateResume(cctx, r.uri("main")); err != nil {
+		return fmt.Errorf("source QEMU: migrate resume: %w", err)
+	}
+	for {
+		info, err := r.q.QueryMigrate(cctx)
+		if err != nil {
+			return err
+		}
+		if info.Status != qmp.MigrationPostcopyPaused {
+			return nil
+		}
+		select {
+		case <-cctx.Done():
+			return errors.New("the source QEMU stayed postcopy-paused after migrate resume")
+		case <-time.After(pollInterval):
 		}
 	}
 }
@@ -611,6 +753,20 @@ func (r *run) confirm(ctx context.Context) error {
 func (r *run) rollback(cause error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
+	if r.postcopy && !r.inPostcopy && r.q != nil && r.q.Err() == nil {
+		// A switch that the polls did not see: QEMU leaves a source that
+		// switched in postmigrate, never running again by itself.
+		if st, err := r.q.QueryStatus(ctx); err == nil && (st.Status == "postmigrate" || st.Status == "finish-migrate") {
+			r.inPostcopy = true
+		}
+	}
+	if r.inPostcopy {
+		// The destination runs the guest from its memory and pulls the
+		// rest from the source: cancelling or resuming the source would
+		// lose the guest's state. Both QEMUs stay as they are.
+		r.releaseSession(ctx, cause)
+		return
+	}
 	if r.q != nil && r.q.Err() == nil {
 		if r.migrating {
 			r.q.MigrateCancel(ctx)
@@ -636,11 +792,18 @@ func (r *run) rollback(cause error) {
 			}
 		}
 	}
-	if r.session != nil {
-		reason := cause.Error()
-		if r.vmPrepared {
-			r.ctl.vmAbort(ctx, r.session.ID, proxy.VMRequest{VM: r.o.DestVM, Reason: reason})
-		}
-		r.ctl.abort(ctx, r.session.ID, reason)
+	r.releaseSession(ctx, cause)
+}
+
+// releaseSession tells the destination to give up the VM and aborts the
+// session.
+func (r *run) releaseSession(ctx context.Context, cause error) {
+	if r.session == nil {
+		return
 	}
+	reason := cause.Error()
+	if r.vmPrepared {
+		r.ctl.vmAbort(ctx, r.session.ID, proxy.VMRequest{VM: r.o.DestVM, Reason: reason})
+	}
+	r.ctl.abort(ctx, r.session.ID, reason)
 }

@@ -372,7 +372,7 @@ func (r *sessions) handlePeer(s *Server, peer string, req controlRequest) contro
 	switch req.Op {
 	case opPrepare:
 		return s.preparePeer(peer, req)
-	case opFinish, opAbort, opVMPrepare, opVMFinish, opVMAbort:
+	case opFinish, opAbort, opVMPrepare, opVMFinish, opVMRecover, opVMAbort:
 		sid, err := parseSessionID(req.Session)
 		if err != nil {
 			return controlResponse{Error: err.Error()}
@@ -383,7 +383,7 @@ func (r *sessions) handlePeer(s *Server, peer string, req controlRequest) contro
 			return controlResponse{Error: "unknown session " + req.Session}
 		}
 		switch req.Op {
-		case opVMPrepare, opVMFinish, opVMAbort:
+		case opVMPrepare, opVMFinish, opVMRecover, opVMAbort:
 			return s.handleVM(sess, req)
 		}
 		if req.Op == opAbort {

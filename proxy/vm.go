@@ -11,7 +11,8 @@ import (
 
 // VMs a destination drives: a peer that prepared a session may ask the
 // destination to make one of its registered VMs wait for the session's
-// incoming migration (vm-prepare), to finish it (vm-finish) or to give it up
+// incoming migration (vm-prepare), to finish it (vm-finish), to listen
+// again after a broken postcopy channel (vm-recover) or to give it up
 // (vm-abort). The peer only names a VM; the VM's QMP socket is registered on
 // this host (serve --qmp NAME=unix:PATH) and the sockets its QEMU listens on
 // are the session's own routes of the main and nbd channels, so no path
@@ -26,6 +27,10 @@ type VMController interface {
 	// FinishIncoming waits for the session's incoming migration to
 	// complete, stops the NBD server, and resumes the guest if asked.
 	FinishIncoming(ctx context.Context, vm, session string, resume bool) (*VMResult, error)
+	// RecoverIncoming makes vm, whose postcopy migration of the session
+	// paused when its channel broke, listen on main again for the source's
+	// resumed migration channel.
+	RecoverIncoming(ctx context.Context, vm, session string, main Endpoint) error
 	// AbortIncoming gives up the session's incoming migration and leaves
 	// the VM clean, best effort.
 	AbortIncoming(ctx context.Context, vm, session string) error
@@ -85,7 +90,7 @@ type VMResult struct {
 }
 
 // VMRequest is the body of the local control endpoint's vm-prepare,
-// vm-finish and vm-abort calls.
+// vm-finish, vm-recover and vm-abort calls.
 type VMRequest struct {
 	// VM is a VM name registered on the peer.
 	VM string `json:"vm"`
@@ -102,6 +107,7 @@ const (
 	opVMPrepare = "vm-prepare"
 	opVMFinish  = "vm-finish"
 	opVMAbort   = "vm-abort"
+	opVMRecover = "vm-recover"
 )
 
 // vmControlTimeout bounds a VM operation at the destination; it stays
@@ -152,6 +158,16 @@ func (s *Server) handleVM(sess *session, req controlRequest) controlResponse {
 		}
 		s.log.Info("VM migration finished", "session", id, "vm", req.VM, "status", r.Status)
 		return controlResponse{Result: r}
+	case opVMRecover:
+		main := sess.byName["main"]
+		if main == nil {
+			return controlResponse{Error: "the session has no main channel"}
+		}
+		if err := s.cfg.VMs.RecoverIncoming(ctx, req.VM, id, main.target); err != nil {
+			return controlResponse{Error: err.Error()}
+		}
+		s.log.Warn("VM listens again for its paused postcopy migration", "session", id, "vm", req.VM)
+		return controlResponse{}
 	default: // opVMAbort
 		if err := s.cfg.VMs.AbortIncoming(ctx, req.VM, id); err != nil {
 			return controlResponse{Error: err.Error()}
@@ -178,8 +194,9 @@ func (s *Server) vmSessionEnded(sess *session) {
 	}
 }
 
-// VMCall sends a vm-prepare, vm-finish or vm-abort request for a source
-// session to its peer. op is "prepare", "finish" or "abort".
+// VMCall sends a vm-prepare, vm-finish, vm-recover or vm-abort request for
+// a source session to its peer. op is "prepare", "finish", "recover" or
+// "abort".
 func (s *Server) VMCall(ctx context.Context, id, op string, req VMRequest) (*VMPrepared, *VMResult, error) {
 	sess, err := s.openSession(id)
 	if err != nil {
@@ -197,6 +214,8 @@ func (s *Server) VMCall(ctx context.Context, id, op string, req VMRequest) (*VMP
 		creq.Op, creq.Prepare = opVMPrepare, req.Prepare
 	case "finish":
 		creq.Op, creq.Resume = opVMFinish, req.Resume
+	case "recover":
+		creq.Op = opVMRecover
 	case "abort":
 		creq.Op, creq.Reason = opVMAbort, req.Reason
 	default:
@@ -213,9 +232,10 @@ func (s *Server) VMCall(ctx context.Context, id, op string, req VMRequest) (*VMP
 //
 //	POST /v1/sessions/{id}/vm-prepare  {"vm":…,"prepare":{…}} → VMPrepared
 //	POST /v1/sessions/{id}/vm-finish   {"vm":…,"resume":true} → VMResult
+//	POST /v1/sessions/{id}/vm-recover  {"vm":…}               → {}
 //	POST /v1/sessions/{id}/vm-abort    {"vm":…,"reason":…}    → {}
 func (s *Server) vmHandlers(mux *http.ServeMux) {
-	for _, op := range []string{"prepare", "finish", "abort"} {
+	for _, op := range []string{"prepare", "finish", "recover", "abort"} {
 		mux.HandleFunc("POST /v1/sessions/{id}/vm-"+op, func(w http.ResponseWriter, r *http.Request) {
 			var req VMRequest
 			if !readJSON(w, r, &req) {

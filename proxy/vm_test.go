@@ -20,6 +20,7 @@ type fakeVMs struct {
 	mu      sync.Mutex
 	calls   []string
 	in      proxy.VMIncoming
+	recover proxy.Endpoint
 	ended   []string
 	prepErr error
 }
@@ -40,6 +41,14 @@ func (f *fakeVMs) PrepareIncoming(_ context.Context, vm string, in proxy.VMIncom
 func (f *fakeVMs) FinishIncoming(_ context.Context, vm, session string, resume bool) (*proxy.VMResult, error) {
 	f.note("finish " + vm)
 	return &proxy.VMResult{Status: "running", Resumed: resume}, nil
+}
+
+func (f *fakeVMs) RecoverIncoming(_ context.Context, vm, session string, main proxy.Endpoint) error {
+	f.note("recover " + vm)
+	f.mu.Lock()
+	f.recover = main
+	f.mu.Unlock()
+	return nil
 }
 
 func (f *fakeVMs) AbortIncoming(_ context.Context, vm, session string) error {
@@ -114,6 +123,14 @@ func TestVMOperations(t *testing.T) {
 	if _, r, err := src.VMCall(ctx, info.ID, "finish", proxy.VMRequest{VM: "vm1", Resume: true}); err != nil || r == nil || !r.Resumed {
 		t.Fatalf("vm-finish: %+v %v", r, err)
 	}
+	if _, _, err := src.VMCall(ctx, info.ID, "recover", proxy.VMRequest{VM: "vm1"}); err != nil {
+		t.Fatalf("vm-recover: %v", err)
+	}
+	f.mu.Lock()
+	if f.recover != in.Main {
+		t.Errorf("vm-recover listens on %v, want the session's main endpoint %v", f.recover, in.Main)
+	}
+	f.mu.Unlock()
 	if _, _, err := src.VMCall(ctx, info.ID, "abort", proxy.VMRequest{VM: "vm1", Reason: "test"}); err != nil {
 		t.Fatalf("vm-abort: %v", err)
 	}
@@ -139,7 +156,7 @@ func TestVMOperations(t *testing.T) {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if got := strings.Join(f.calls, ","); got != "prepare vm1,finish vm1,abort vm1" {
+	if got := strings.Join(f.calls, ","); got != "prepare vm1,finish vm1,recover vm1,abort vm1" {
 		t.Fatalf("calls %s", got)
 	}
 }

@@ -17,6 +17,14 @@ const (
 	MigrationCancelled  = "cancelled"
 	MigrationCompleted  = "completed"
 	MigrationFailed     = "failed"
+	// Postcopy states: the destination runs the guest and pulls the pages
+	// it still lacks. A broken migration channel pauses both sides
+	// (postcopy-paused) instead of failing; migrate-recover on the
+	// destination and migrate with resume on the source go through
+	// postcopy-recover back to postcopy-active.
+	MigrationPostcopyActive  = "postcopy-active"
+	MigrationPostcopyPaused  = "postcopy-paused"
+	MigrationPostcopyRecover = "postcopy-recover"
 )
 
 // MigrationInfo is the reply of query-migrate. Times are in milliseconds.
@@ -124,6 +132,18 @@ func (c *Client) MigrateIncoming(ctx context.Context, uri string) error {
 // started; use [Client.WaitMigration] to follow it.
 func (c *Client) Migrate(ctx context.Context, uri string) error {
 	return c.Execute(ctx, "migrate", map[string]any{"uri": uri}, nil)
+}
+
+// MigrateResume resumes a paused postcopy migration (postcopy-paused)
+// through uri, once the destination listens there ([Client.MigrateRecover]).
+func (c *Client) MigrateResume(ctx context.Context, uri string) error {
+	return c.Execute(ctx, "migrate", map[string]any{"uri": uri, "resume": true}, nil)
+}
+
+// MigrateRecover makes a destination whose postcopy migration is paused
+// listen on uri for the source's resumed migration channel.
+func (c *Client) MigrateRecover(ctx context.Context, uri string) error {
+	return c.Execute(ctx, "migrate-recover", map[string]any{"uri": uri}, nil)
 }
 
 // MigrateCancel cancels the outgoing migration.

@@ -17,7 +17,9 @@ import (
 
 const migrateSynopsis = `migrate --control unix:PATH --peer HOST:PORT --qmp unix:SRC_QMP --dest-vm NAME
                [--copy-storage all|inc] [--disks NODE[,NODE]...] [--multifd N]
-               [--postcopy] [--max-bandwidth BYTES_PER_S] [--downtime MS]
+               [--postcopy] [--postcopy-start first-pass|immediately]
+               [--postcopy-bandwidth BYTES_PER_S] [--recover-timeout DURATION]
+               [--max-bandwidth BYTES_PER_S] [--downtime MS]
                [--paused] [--quit-source] [--timeout DURATION] [--json]`
 
 func runMigrate(args []string, stdout, stderr io.Writer) error {
@@ -29,7 +31,10 @@ func runMigrate(args []string, stdout, stderr io.Writer) error {
 	copyStorage := fs.String("copy-storage", "", "copy the disks through the tunnel: all (whole disks) or inc (top image only); default: shared storage")
 	disks := fs.String("disks", "", "copy only these block nodes, comma-separated (default: every writable disk)")
 	multifd := fs.Int("multifd", 0, "multifd channels (0: a single channel)")
-	postcopy := fs.Bool("postcopy", false, "switch to postcopy after the first pass (when both QEMUs offer it)")
+	postcopy := fs.Bool("postcopy", false, "let the migration switch to postcopy (when both QEMUs offer it); a tunnel break in postcopy is recovered")
+	postcopyStart := fs.String("postcopy-start", migrate.PostcopyAfterFirstPass, "with --postcopy, when to switch: first-pass (once all RAM was sent once) or immediately")
+	postcopyBW := fs.Int64("postcopy-bandwidth", 0, "with --postcopy, limit the background page push in postcopy to this many bytes/s (0: no limit)")
+	recoverTimeout := fs.Duration("recover-timeout", migrate.DefaultRecoverTimeout, "with --postcopy, keep trying to resume a postcopy migration paused by a tunnel break for this long (keep it below both hosts' --session-ttl)")
 	maxBW := fs.Int64("max-bandwidth", migrate.DefaultMaxBandwidth, "migration bandwidth limit in bytes/s (QEMU's own default of 128 MiB/s is never kept)")
 	downtime := fs.Int64("downtime", 0, "downtime limit in milliseconds (default: QEMU's)")
 	paused := fs.Bool("paused", false, "leave the destination guest paused")
@@ -48,13 +53,20 @@ func runMigrate(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("migrate: --qmp %q: want unix:PATH", *qmpSpec)
 	}
 	o := migrate.Options{Control: *control, Peer: *peer, QMP: qmpPath, DestVM: *destVM, CopyStorage: *copyStorage,
-		Multifd: *multifd, Postcopy: *postcopy, MaxBandwidth: *maxBW, Downtime: time.Duration(*downtime) * time.Millisecond,
+		Multifd: *multifd, Postcopy: *postcopy, PostcopyStart: *postcopyStart, PostcopyBandwidth: *postcopyBW,
+		RecoverTimeout: *recoverTimeout, MaxBandwidth: *maxBW, Downtime: time.Duration(*downtime) * time.Millisecond,
 		Paused: *paused, QuitSource: *quitSource}
 	if *disks != "" {
 		o.Disks = strings.Split(*disks, ",")
 	}
 	if *maxBW <= 0 {
 		return errors.New("migrate: --max-bandwidth must be positive")
+	}
+	if *postcopyStart != migrate.PostcopyAfterFirstPass && *postcopyStart != migrate.PostcopyImmediately {
+		return fmt.Errorf("migrate: --postcopy-start %q: want %s or %s", *postcopyStart, migrate.PostcopyAfterFirstPass, migrate.PostcopyImmediately)
+	}
+	if *postcopyBW < 0 || *recoverTimeout <= 0 {
+		return errors.New("migrate: --postcopy-bandwidth must be 0 or more and --recover-timeout positive")
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -82,6 +94,9 @@ func runMigrate(args []string, stdout, stderr io.Writer) error {
 			}
 			json.NewEncoder(stdout).Encode(map[string]string{"event": "error", "step": step, "error": err.Error()})
 		}
+		if errors.Is(err, migrate.ErrPostcopyPaused) {
+			return fmt.Errorf("migrate: %w (the guest's state is split between the hosts: neither QEMU was resumed or cancelled)", err)
+		}
 		if errors.As(err, new(*migrate.StepError)) && err.(*migrate.StepError).Step == migrate.StepConfirm {
 			return fmt.Errorf("migrate: %w (the VM runs on the destination)", err)
 		}
@@ -107,6 +122,7 @@ type progressPrinter struct {
 	w         io.Writer
 	mode      string // plain, bar or json
 	step      string
+	status    string // QEMU's migration status last shown
 	last      time.Time
 	barShown  bool
 	lastBytes int64
@@ -121,8 +137,13 @@ func (p *progressPrinter) update(pg migrate.Progress) {
 			p.lastBytes, p.lastAt = pg.Migration.RAM.Transferred, pg.Elapsed
 		}
 	}
-	changed := pg.Step != p.step
-	p.step = pg.Step
+	status := ""
+	if pg.Migration != nil {
+		status = pg.Migration.Status
+	}
+	// A new step or migration status shows at once.
+	changed := pg.Step != p.step || status != p.status
+	p.step, p.status = pg.Step, status
 	every := time.Second
 	if p.mode == "bar" {
 		every = 200 * time.Millisecond
@@ -179,6 +200,9 @@ func migrationLine(pg migrate.Progress, rate float64) string {
 			}
 		}
 	}
+	if pg.Recovering != "" {
+		fmt.Fprintf(&b, " recovering: %s", pg.Recovering)
+	}
 	for _, d := range pg.Disks {
 		pct := 100.0
 		if d.Total > 0 {
@@ -226,6 +250,9 @@ func (p *progressPrinter) summary(r *migrate.Result) {
 	}
 	fmt.Fprintf(p.w, "migrated: session %s, destination QEMU %s\n", r.Session, r.DestQEMU)
 	fmt.Fprintf(p.w, "  RAM   %s in %.2fs (%.1f MB/s)%s\n", migSize(r.RAMBytes), r.Migration.Seconds(), mbps, map[bool]string{true: ", postcopy"}[r.Postcopy])
+	if r.Recoveries > 0 {
+		fmt.Fprintf(p.w, "  postcopy recovered %d time(s) after the tunnel broke (streams cut by a break may show in the counts below)\n", r.Recoveries)
+	}
 	if r.DiskBytes > 0 {
 		fmt.Fprintf(p.w, "  disks %s, in sync after %.2fs\n", migSize(r.DiskBytes), r.Mirror.Seconds())
 	}

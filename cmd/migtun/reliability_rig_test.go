@@ -335,3 +335,13 @@ func (p *netnsPair) unaddress(t *testing.T) string {
 	}
 	return "ip addr flush on the destination's veth"
 }
+
+// heal undoes cut: the qdiscs that dropped every packet are removed.
+func (p *netnsPair) heal(t *testing.T) {
+	t.Helper()
+	for _, ns := range [][2]string{{p.a, p.devA}, {p.b, p.devB}} {
+		if out, err := exec.Command("ip", "netns", "exec", ns[0], "tc", "qdisc", "del", "dev", ns[1], "root").CombinedOutput(); err != nil {
+			t.Fatalf("tc qdisc del in %s: %v: %s", ns[0], err, out)
+		}
+	}
+}

@@ -1,0 +1,199 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/migtun/migtun/internal/vmtest"
+	"github.com/migtun/migtun/migrate"
+	"github.com/migtun/migtun/qmp"
+)
+
+// TestPostcopyRecovery cuts the network between the two hosts (network
+// namespaces joined by veth, every packet dropped) while a migration with
+// storage copy runs in postcopy, for each transport. Both QEMUs must pause
+// (postcopy-paused) instead of failing; once the link is back, migtun
+// migrate must recover through the same session (migrate-recover on the
+// destination, migrate resume on the source) and complete, with RAM and
+// disk identical on both hosts and no session or socket left. A link that
+// stays cut past --recover-timeout must fail the command with neither QEMU
+// resumed or cancelled: the guest's state is split between the hosts.
+func TestPostcopyRecovery(t *testing.T) {
+	requireTool(t, "qemu-system-x86_64")
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for ip netns and tc")
+	}
+	for _, transport := range []string{"tls", "quic"} {
+		t.Run(transport, func(t *testing.T) { testPostcopyRecovery(t, transport, true) })
+	}
+	t.Run("tls/never-healed", func(t *testing.T) { testPostcopyRecovery(t, "tls", false) })
+}
+
+func testPostcopyRecovery(t *testing.T, transport string, heal bool) {
+	ns := newNetnsPair(t)
+	dir := shortTempDir(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	// The QEMUs stay in the host's namespace and reach migtun over UNIX
+	// sockets; only the tunnel crosses the veth pair.
+	srcVM, dstVM := startVMs(ctx, t, dir, 256<<20, 32<<20)
+	srcVM.QMP.Close()
+	dstVM.QMP.Close()
+	ca := relPKI(t, map[string][]string{"src": {ns.ipA}, "dst": {ns.ipB}})
+	srcCtl, dstCtl := "unix:"+filepath.Join(dir, "src.ctl"), "unix:"+filepath.Join(dir, "dst.ctl")
+	srcSocks, dstSocks := filepath.Join(dir, "ss"), filepath.Join(dir, "ds")
+	common := []string{"--transport", transport, "--idle-timeout", "3s"}
+	dst := startRel(t, ca, "dst", ns.ipB+":7400", []string{"ip", "netns", "exec", ns.b},
+		append(common, "--control", dstCtl, "--socket-dir", dstSocks, "--qmp", "vm1=unix:"+dstVM.QMPPath)...)
+	src := startRel(t, ca, "src", ns.ipA+":7400", []string{"ip", "netns", "exec", ns.a},
+		append(common, "--control", srcCtl, "--socket-dir", srcSocks)...)
+
+	// Postcopy at once, its page push held to 12 MiB/s: the 256 MiB of
+	// RAM take about 20 s to arrive, time enough to cut the link in the
+	// middle.
+	cmd := exec.CommandContext(ctx, migtunBin, "migrate", "--control", srcCtl, "--peer", dst.Addr,
+		"--qmp", "unix:"+srcVM.QMPPath, "--dest-vm", "vm1", "--timeout", "4m", "--copy-storage", "all", "--paused",
+		"--postcopy", "--postcopy-start", "immediately", "--postcopy-bandwidth", "12582912", "--json",
+		"--recover-timeout", map[bool]string{true: "60s", false: "5s"}[heal])
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var (
+		lines              []string
+		res                *migrate.Result
+		cutAt, pausedAt    time.Time
+		healedAt, activeAt time.Time
+	)
+	sc := bufio.NewScanner(stdout)
+	for sc.Scan() {
+		line := sc.Text()
+		lines = append(lines, line)
+		var kind struct {
+			Event string `json:"event"`
+		}
+		if json.Unmarshal([]byte(line), &kind) != nil {
+			continue
+		}
+		if kind.Event == "result" {
+			res = new(migrate.Result)
+			if err := json.Unmarshal([]byte(line), res); err != nil {
+				t.Fatalf("result line %q: %v", line, err)
+			}
+			continue
+		}
+		var ev migrate.Progress
+		if json.Unmarshal([]byte(line), &ev) != nil {
+			continue
+		}
+		status := ""
+		if ev.Migration != nil {
+			status = ev.Migration.Status
+		}
+		switch {
+		case cutAt.IsZero() && status == qmp.MigrationPostcopyActive && ev.Migration.RAM != nil && ev.Migration.RAM.Transferred > 32<<20:
+			t.Logf("cutting the link in postcopy after %s of RAM, with %s", migSize(ev.Migration.RAM.Transferred), ns.cut(t))
+			cutAt = time.Now()
+		case !cutAt.IsZero() && pausedAt.IsZero() && status == qmp.MigrationPostcopyPaused:
+			pausedAt = time.Now()
+			t.Logf("the source QEMU paused %v after the cut", pausedAt.Sub(cutAt).Round(time.Millisecond))
+			if heal {
+				ns.heal(t)
+				healedAt = time.Now()
+			}
+		case !healedAt.IsZero() && activeAt.IsZero() && status == qmp.MigrationPostcopyActive:
+			activeAt = time.Now()
+			t.Logf("postcopy active again %v after the link was healed", activeAt.Sub(healedAt).Round(time.Millisecond))
+		case ev.Recovering != "":
+			t.Logf("recovering: %s", ev.Recovering)
+		}
+	}
+	err = cmd.Wait()
+	if !cutAt.IsZero() && healedAt.IsZero() {
+		ns.heal(t)
+	}
+	out := strings.Join(lines, "\n")
+	if !heal {
+		checkSplitLeftAlone(ctx, t, err, out+stderr.String(), pausedAt, srcVM, dstVM)
+		checkHostsClean(t, []string{srcCtl}, srcSocks)
+		return
+	}
+	if err != nil {
+		t.Fatalf("migtun migrate: %v\n%s\n%s\nsource migtun:\n%s\ndestination migtun:\n%s", err, migTail(out, 12), stderr.String(), src.Log(10), dst.Log(10))
+	}
+	if cutAt.IsZero() {
+		t.Fatalf("the migration never reached postcopy with 32 MiB sent, so the link was never cut:\n%s", migTail(out, 12))
+	}
+	if pausedAt.IsZero() {
+		t.Fatalf("the source QEMU was never seen postcopy-paused after the cut:\n%s", migTail(out, 20))
+	}
+	if res == nil {
+		t.Fatalf("no result line:\n%s", migTail(out, 5))
+	}
+	if !res.Postcopy || res.Recoveries < 1 {
+		t.Errorf("result: postcopy %v, recoveries %d; want postcopy and at least one recovery", res.Postcopy, res.Recoveries)
+	}
+	t.Logf("migration done in %v, %d recovery, channels %+v, mismatches %q", res.Total.Round(time.Millisecond), res.Recoveries, res.Channels, res.Mismatch)
+	reconnect(t, srcVM)
+	reconnect(t, dstVM)
+	for _, vm := range []*vmtest.VM{srcVM, dstVM} {
+		st, err := vm.QMP.Status(ctx)
+		if err != nil || st == "running" {
+			t.Errorf("%s: status %q (%v), want paused", vm.Options.Name, st, err)
+		}
+	}
+	if err := vmtest.CompareImages(srcVM, dstVM); err != nil {
+		t.Fatal(err)
+	}
+	checkHostsClean(t, []string{srcCtl, dstCtl}, srcSocks, dstSocks)
+}
+
+// checkSplitLeftAlone checks a postcopy migration that could not be
+// recovered: migtun migrate failed saying the state is split, and both
+// QEMUs are still postcopy-paused, the source guest not resumed.
+func checkSplitLeftAlone(ctx context.Context, t *testing.T, err error, out string, pausedAt time.Time, srcVM, dstVM *vmtest.VM) {
+	t.Helper()
+	if err == nil {
+		t.Fatalf("migtun migrate succeeded with the link cut for good:\n%s", migTail(out, 8))
+	}
+	if pausedAt.IsZero() {
+		t.Fatalf("the source QEMU was never seen postcopy-paused after the cut:\n%s", migTail(out, 20))
+	}
+	if !strings.Contains(out, "split between the hosts") || !strings.Contains(out, "postcopy-paused") {
+		t.Errorf("the error does not say the state is split and left paused:\n%s", migTail(out, 4))
+	}
+	t.Logf("migtun migrate failed as it should: %s", migTail(out, 1))
+	reconnect(t, srcVM)
+	reconnect(t, dstVM)
+	// The destination notices the cut on its own, by keepalive: up to
+	// 30 s is given for that.
+	for _, vm := range []*vmtest.VM{srcVM, dstVM} {
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			info, err := vm.QMP.QueryMigrate(ctx)
+			if err == nil && info.Status == qmp.MigrationPostcopyPaused {
+				break
+			}
+			if err != nil || info.Status != qmp.MigrationPostcopyActive || time.Now().After(deadline) {
+				t.Errorf("%s: migration %+v (%v), want it left postcopy-paused", vm.Options.Name, info, err)
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	if st, err := srcVM.QMP.Status(ctx); err != nil || st == "running" {
+		t.Errorf("source: status %q (%v): a source resumed after postcopy began loses the guest's state", st, err)
+	}
+}
