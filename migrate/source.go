@@ -186,7 +186,7 @@ type run struct {
 	// pausedAt is when the current postcopy pause began; zero when the
 	// migration is not paused.
 	pausedAt time.Time
-	res        Result
+	res      Result
 }
 
 // Run migrates the VM. On failure it cancels what it started, leaves the
