@@ -22,7 +22,7 @@ const pollInterval = 50 * time.Millisecond
 
 // Controller is the destination's side of a migration: it drives the VMs
 // registered on this host (serve --qmp NAME=unix:PATH) for the peers'
-// vm-prepare, vm-finish and vm-abort requests. It implements
+// vm-prepare, vm-finish, vm-recover and vm-abort requests. It implements
 // [proxy.VMController]. It connects to a VM's QMP socket only for the time
 // of one operation, so another client may use the monitor in between.
 type Controller struct {

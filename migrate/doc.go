@@ -22,6 +22,13 @@
 // source guest is left as it was, the destination is told to abort and the
 // session is aborted; the error names the step and carries QEMU's text.
 //
+// Postcopy is the exception: once it has begun the destination runs the
+// guest, so the source is never resumed. A broken channel pauses both
+// QEMUs; Run then asks the destination (vm-recover) to listen again on the
+// session's main route and resumes the source into the same session, until
+// Options.RecoverTimeout. A migration not recovered in time fails with
+// [ErrPostcopyPaused] and both QEMUs left paused for a recovery by hand.
+//
 // [Controller] is the destination's side, plugged into the proxy as its
 // [proxy.VMController]; [Run] is the source's side.
 package migrate

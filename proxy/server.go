@@ -48,7 +48,7 @@ type Config struct {
 	// Logger receives the server's logs; nil discards.
 	Logger *slog.Logger
 	// VMs drives the VMs this host registered (serve --qmp), for peers'
-	// vm-prepare, vm-finish and vm-abort requests; nil: none.
+	// vm-prepare, vm-finish, vm-recover and vm-abort requests; nil: none.
 	VMs VMController
 }
 
