@@ -54,6 +54,10 @@ type Config struct {
 	ClientTLS func(serverName string) *tls.Config
 	// AllowPlaintext must be true to serve or dial the Plain transport.
 	AllowPlaintext bool
+	// DisableBulk keeps tls data streams inside crypto/tls records instead
+	// of switching them to the bulk record layer (ALPNBulk) after the
+	// accept reply; for comparison, or for a peer that must not use it.
+	DisableBulk bool
 	// HandshakeTimeout bounds the TLS or QUIC handshake plus the header read
 	// of an incoming stream.
 	HandshakeTimeout time.Duration
@@ -125,23 +129,32 @@ func (c *Config) withDefaults() (*Config, error) {
 	return &out, nil
 }
 
+// nextProtos returns the ALPN protocols to offer or accept, most preferred
+// first. Only TCP (not QUIC) has the bulk record layer.
+func (c *Config) nextProtos(tcp bool) []string {
+	if tcp && !c.DisableBulk {
+		return []string{ALPNBulk, ALPN}
+	}
+	return []string{ALPN}
+}
+
 // serverTLS returns the server TLS configuration with migtun's ALPN and
-// TLS 1.3 as the only version.
-func (c *Config) serverTLS() *tls.Config {
+// TLS 1.3 as the only version; tcp says whether it serves TCP or QUIC.
+func (c *Config) serverTLS(tcp bool) *tls.Config {
 	t := c.ServerTLS.Clone()
-	t.NextProtos = []string{ALPN}
+	t.NextProtos = c.nextProtos(tcp)
 	t.MinVersion = tls.VersionTLS13
 	t.MaxVersion = tls.VersionTLS13
 	return t
 }
 
-func (c *Config) clientTLS(serverName string) *tls.Config {
+func (c *Config) clientTLS(serverName string, tcp bool) *tls.Config {
 	t := c.ClientTLS(serverName)
 	if t == nil {
 		return nil
 	}
 	t = t.Clone()
-	t.NextProtos = []string{ALPN}
+	t.NextProtos = c.nextProtos(tcp)
 	t.MinVersion = tls.VersionTLS13
 	t.MaxVersion = tls.VersionTLS13
 	return t

@@ -62,7 +62,7 @@ func (d *Dialer) Open(ctx context.Context, addr string, h Header) (Stream, error
 	case d.cfg.Transport == Plain && h.Kind == KindControl:
 		// Control messages carry session secrets: they always travel
 		// encrypted, over TLS on the same port.
-		return d.openTLS(ctx, addr, wire)
+		return d.openTLS(ctx, addr, h.Kind, wire)
 	case d.cfg.Transport == Plain:
 		s, err := d.openPlain(ctx, addr, wire)
 		if errors.Is(err, &RefusedError{Reason: ReasonUnauthorized}) {
@@ -73,7 +73,7 @@ func (d *Dialer) Open(ctx context.Context, addr string, h Header) (Stream, error
 		}
 		return s, err
 	default:
-		return d.openTLS(ctx, addr, wire)
+		return d.openTLS(ctx, addr, h.Kind, wire)
 	}
 }
 
@@ -120,7 +120,8 @@ func (d *Dialer) handshake(ctx context.Context, c net.Conn, addr string) (*tls.C
 		c.Close()
 		return nil, err
 	}
-	tc := tls.Client(&tcpConn{TCPConn: c.(*net.TCPConn)}, d.cfg.clientTLS(host))
+	pc := &tcpConn{TCPConn: c.(*net.TCPConn), bounded: boundTLSReads && !d.cfg.DisableBulk}
+	tc := tls.Client(pc, d.cfg.clientTLS(host, true))
 	hctx, cancel := context.WithTimeout(ctx, d.cfg.HandshakeTimeout)
 	defer cancel()
 	start := time.Now()
@@ -129,12 +130,20 @@ func (d *Dialer) handshake(ctx context.Context, c net.Conn, addr string) (*tls.C
 		return nil, fmt.Errorf("tls handshake with %s: %w", addr, err)
 	}
 	d.cfg.OnHandshake(TLS, "out", time.Since(start))
-	if p := tc.ConnectionState().NegotiatedProtocol; p != ALPN {
+	switch p := tc.ConnectionState().NegotiatedProtocol; {
+	case p == ALPN:
+		pc.bounded = false // no bulk record layer: let crypto/tls read ahead
+	case p == ALPNBulk && !d.cfg.DisableBulk:
+	default:
 		c.Close()
 		return nil, fmt.Errorf("tls handshake with %s: peer speaks %q, want %q", addr, p, ALPN)
 	}
 	return tc, nil
 }
+
+// testHookBeforeReply, when set by a test, runs after a header was sent and
+// before its reply is read.
+var testHookBeforeReply func()
 
 // exchange writes a header on s and reads the reply under the reply timeout.
 func (d *Dialer) exchange(ctx context.Context, s Stream, wire []byte) (reply, error) {
@@ -147,6 +156,9 @@ func (d *Dialer) exchange(ctx context.Context, s Stream, wire []byte) (reply, er
 	defer stop()
 	if _, err := s.Write(wire); err != nil {
 		return reply{}, fmt.Errorf("sending header: %w", err)
+	}
+	if testHookBeforeReply != nil {
+		testHookBeforeReply()
 	}
 	r, err := readReply(s)
 	if err != nil {
@@ -175,7 +187,10 @@ func (d *Dialer) dialTLS(ctx context.Context, addr string) (*tlsStream, error) {
 	return &tlsStream{Conn: tc}, nil
 }
 
-func (d *Dialer) openTLS(ctx context.Context, addr string, wire []byte) (Stream, error) {
+// openTLS opens a stream of kind over TLS. A data stream on a connection
+// that negotiated ALPNBulk switches to the bulk record layer once the
+// reply is read.
+func (d *Dialer) openTLS(ctx context.Context, addr string, kind Kind, wire []byte) (Stream, error) {
 	s, err := d.dialTLS(ctx, addr)
 	if err != nil {
 		return nil, err
@@ -184,7 +199,17 @@ func (d *Dialer) openTLS(ctx context.Context, addr string, wire []byte) (Stream,
 		s.Abort()
 		return nil, err
 	}
-	return s, nil
+	pc := s.NetConn().(*tcpConn)
+	if kind != KindData || s.ConnectionState().NegotiatedProtocol != ALPNBulk {
+		pc.bounded = false
+		return s, nil
+	}
+	bs, err := newBulkStream(s, true)
+	if err != nil {
+		s.Abort()
+		return nil, err
+	}
+	return bs, nil
 }
 
 func (d *Dialer) openPlain(ctx context.Context, addr string, wire []byte) (Stream, error) {
@@ -350,7 +375,7 @@ func (d *Dialer) dialQUIC(ctx context.Context, tr *quic.Transport, addr string) 
 	dctx, cancel := context.WithTimeout(ctx, d.cfg.DialTimeout+d.cfg.HandshakeTimeout)
 	defer cancel()
 	start := time.Now()
-	conn, err := tr.Dial(dctx, udpAddr, d.cfg.clientTLS(host), quicConfig(d.cfg))
+	conn, err := tr.Dial(dctx, udpAddr, d.cfg.clientTLS(host, false), quicConfig(d.cfg))
 	if err != nil {
 		return nil, fmt.Errorf("quic handshake with %s: %w", addr, err)
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -30,6 +31,7 @@ type Incoming struct {
 
 	s        Stream
 	payload  []byte // accept reply payload
+	bulk     bool   // a tls data stream that switches to the bulk record layer
 	answered bool
 }
 
@@ -42,6 +44,17 @@ func (in *Incoming) Accept() (Stream, error) {
 		return nil, errors.New("tunnel: stream already answered")
 	}
 	in.answered = true
+	s := in.s
+	if in.bulk {
+		// Derive the keys before accepting, so a failure can still be
+		// refused; no TLS record follows the reply.
+		bs, err := newBulkStream(in.s.(*tlsStream), false)
+		if err != nil {
+			refuse(in.s, err)
+			return nil, fmt.Errorf("accepting stream: %w", err)
+		}
+		s = bs
+	}
 	b := reply{reason: ReasonOK, payload: in.payload}.appendBinary(make([]byte, 0, MaxReplyLen))
 	if _, err := in.s.Write(b); err != nil {
 		in.s.Abort()
@@ -51,7 +64,7 @@ func (in *Incoming) Accept() (Stream, error) {
 		in.s.Abort()
 		return nil, fmt.Errorf("accepting stream: %w", err)
 	}
-	return in.s, nil
+	return s, nil
 }
 
 // Refuse tells the peer why the stream is refused and closes it. The reason
@@ -103,7 +116,7 @@ func Listen(addr string, cfg *Config) (*Listener, error) {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	l := &Listener{cfg: c, tls: c.serverTLS(), incoming: make(chan *Incoming), ctx: ctx, cancel: cancel}
+	l := &Listener{cfg: c, tls: c.serverTLS(c.Transport != QUIC), incoming: make(chan *Incoming), ctx: ctx, cancel: cancel}
 	switch c.Transport {
 	case QUIC:
 		udp, err := net.ListenPacket("udp", addr)
@@ -235,7 +248,7 @@ func (l *Listener) handshakeTCP(c *net.TCPConn) {
 		c.Close()
 		return
 	}
-	pc := &tcpConn{TCPConn: c, first: first[:]}
+	pc := &tcpConn{TCPConn: c, first: first[:], bounded: boundTLSReads && !l.cfg.DisableBulk}
 	var in *Incoming
 	var err error
 	if first[0] == tlsRecordHandshake {
@@ -276,6 +289,10 @@ func (l *Listener) handshakeTLS(pc *tcpConn) (*Incoming, error) {
 		refuse(s, err)
 		return nil, err
 	}
+	bulk := h.Kind == KindData && cs.NegotiatedProtocol == ALPNBulk
+	if !bulk {
+		pc.bounded = false // stays inside crypto/tls: let it read ahead
+	}
 	if h.Kind == KindPlainKey {
 		if !l.cfg.AllowPlaintext {
 			err := &RefusedError{Reason: ReasonPlainDisabled, Detail: "this port does not allow plaintext"}
@@ -293,7 +310,7 @@ func (l *Listener) handshakeTLS(pc *tcpConn) (*Incoming, error) {
 		}
 		return nil, nil
 	}
-	return &Incoming{Header: h, Peer: peer, Transport: TLS, s: s}, nil
+	return &Incoming{Header: h, Peer: peer, Transport: TLS, s: s, bulk: bulk}, nil
 }
 
 // readPlain reads and authenticates a plain stream's header.
@@ -383,13 +400,47 @@ func peerName(cs tls.ConnectionState) string {
 // tcpConn is the TCP connection under a TLS stream. On the listening side
 // its first byte was read to tell TLS from plain, and Read returns it
 // first. It records whether the peer's end (EOF) was read.
+//
+// While bounded, Read never returns bytes beyond the end of the TLS record
+// being read: it follows the 5-byte record headers and returns at most the
+// rest of the current header or body. crypto/tls reads ahead whatever the
+// socket has, so without the bound the first bytes of the bulk record layer
+// that a peer sends right after its last TLS record could end up in
+// crypto/tls's buffer, lost to the bulk layer.
 type tcpConn struct {
 	*net.TCPConn
 	first  []byte
 	rawEOF atomic.Bool
+
+	bounded bool
+	recHdr  [5]byte
+	recHdrN int // bytes of the current record header read
+	recLeft int // bytes of the current record body not yet read
 }
 
+// boundTLSReads is whether new TLS connections bound their reads to TLS
+// records; a test turns it off to show what the bound prevents.
+var boundTLSReads = true
+
 func (c *tcpConn) Read(b []byte) (int, error) {
+	if !c.bounded {
+		return c.read(b)
+	}
+	if c.recLeft == 0 {
+		n, err := c.read(b[:min(len(b), len(c.recHdr)-c.recHdrN)])
+		copy(c.recHdr[c.recHdrN:], b[:n])
+		if c.recHdrN += n; c.recHdrN == len(c.recHdr) {
+			c.recHdrN = 0
+			c.recLeft = int(binary.BigEndian.Uint16(c.recHdr[3:]))
+		}
+		return n, err
+	}
+	n, err := c.read(b[:min(len(b), c.recLeft)])
+	c.recLeft -= n
+	return n, err
+}
+
+func (c *tcpConn) read(b []byte) (int, error) {
 	if len(c.first) > 0 {
 		n := copy(b, c.first)
 		c.first = c.first[n:]
@@ -400,4 +451,12 @@ func (c *tcpConn) Read(b []byte) (int, error) {
 		c.rawEOF.Store(true)
 	}
 	return n, err
+}
+
+// atRecordBoundary reports whether everything read so far ends with a
+// whole TLS record: nothing is left of the stream in a buffer of ours and,
+// reads being bounded, none in crypto/tls's. (Unbounded, it only says the
+// first byte was taken.)
+func (c *tcpConn) atRecordBoundary() bool {
+	return len(c.first) == 0 && c.recHdrN == 0 && c.recLeft == 0
 }
