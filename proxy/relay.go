@@ -57,7 +57,12 @@ func relay(local net.Conn, remote tunnel.Stream, counts *Counts) error {
 
 // copyUp moves local → tunnel and half-closes the stream at EOF.
 func copyUp(dst, src net.Conn, stream tunnel.Stream, n *atomic.Int64, errc chan<- error) {
-	err := pipe(dst, src, n)
+	var err error
+	if rf, ok := recordWriter(dst); ok {
+		err = readFromCounted(rf, src, n)
+	} else {
+		err = pipe(dst, src, n)
+	}
 	if err == nil {
 		err = stream.CloseWrite()
 	}
@@ -66,7 +71,12 @@ func copyUp(dst, src net.Conn, stream tunnel.Stream, n *atomic.Int64, errc chan<
 
 // copyDown moves tunnel → local and half-closes the local socket at EOF.
 func copyDown(dst, src net.Conn, n *atomic.Int64, errc chan<- error) {
-	err := pipe(dst, src, n)
+	var err error
+	if wt, ok := recordReader(src); ok {
+		_, err = wt.WriteTo(countingWriter{dst, n})
+	} else {
+		err = pipe(dst, src, n)
+	}
 	if err == nil {
 		if cw, ok := dst.(interface{ CloseWrite() error }); ok {
 			err = cw.CloseWrite()
@@ -106,6 +116,76 @@ func pipe(dst, src net.Conn, n *atomic.Int64) error {
 			return rerr
 		}
 	}
+}
+
+// recordWriter returns the fast path of a tunnel stream that seals whole
+// records itself (tls with the bulk record layer): its ReadFrom reads the
+// local socket straight into a record buffer, seals in place and sends each
+// record with one write. Kernel sockets are left to pipe and splice. Other
+// tunnel streams (crypto/tls, QUIC) have no ReadFrom, so pipe's large
+// buffer is used for them.
+func recordWriter(c net.Conn) (io.ReaderFrom, bool) {
+	if kernelSocket(c) {
+		return nil, false
+	}
+	rf, ok := c.(io.ReaderFrom)
+	return rf, ok
+}
+
+// recordReader returns the fast path of a tunnel stream that opens whole
+// records itself: its WriteTo opens each record in place and writes it to
+// the local socket with one write.
+func recordReader(c net.Conn) (io.WriterTo, bool) {
+	if kernelSocket(c) {
+		return nil, false
+	}
+	wt, ok := c.(io.WriterTo)
+	return wt, ok
+}
+
+// readFromCounted runs rf.ReadFrom(src), counting bytes in n as they are
+// sent. ReadFrom sends what one Read returned before it reads again, so a
+// Read's bytes are counted when the next Read starts, and the rest from
+// what ReadFrom reports: n never counts bytes that were not sent.
+func readFromCounted(rf io.ReaderFrom, src io.Reader, n *atomic.Int64) error {
+	cr := &countedReader{r: src, n: n}
+	sent, err := rf.ReadFrom(cr)
+	n.Add(sent - cr.counted)
+	if err == io.EOF {
+		err = nil
+	}
+	return err
+}
+
+// countedReader counts the bytes of its previous Read on each Read.
+type countedReader struct {
+	r       io.Reader
+	n       *atomic.Int64
+	pending int
+	counted int64
+}
+
+func (c *countedReader) Read(b []byte) (int, error) {
+	if c.pending > 0 {
+		c.n.Add(int64(c.pending))
+		c.counted += int64(c.pending)
+		c.pending = 0
+	}
+	k, err := c.r.Read(b)
+	c.pending = k
+	return k, err
+}
+
+// countingWriter counts the bytes written through it.
+type countingWriter struct {
+	w io.Writer
+	n *atomic.Int64
+}
+
+func (c countingWriter) Write(b []byte) (int, error) {
+	k, err := c.w.Write(b)
+	c.n.Add(int64(k))
+	return k, err
 }
 
 // kernelSocket reports whether c is a bare kernel socket splice can use.
