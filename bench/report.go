@@ -17,8 +17,19 @@ const CPUNote = "CPU s/GB: all processes of the path — the two hops (utime+sti
 	"plus the in-process load generator, sender and sink (getrusage RUSAGE_SELF); relay CPU: the two hops only. " +
 	"MB = 10^6 bytes, GB = 10^9 bytes. Baselines run with 1 stream."
 
+// Report modes: what a run measured.
+const (
+	// ModeStream is Run: a volume of bytes pushed through each path.
+	ModeStream = "stream"
+	// ModeQEMU is RunQEMU: a real QEMU migration through each path.
+	ModeQEMU = "qemu"
+)
+
 // Report is the outcome of a run, as "migtun bench --json" prints it.
 type Report struct {
+	// Mode is ModeStream or ModeQEMU.
+	Mode string `json:"mode"`
+	// Size is the volume pushed (ModeStream) or the guest RAM (ModeQEMU).
 	Size    int64    `json:"size_bytes"`
 	Machine Machine  `json:"machine"`
 	CPUNote string   `json:"cpu_note"`
@@ -77,9 +88,13 @@ func (t Target) String() string {
 	return s + fmt.Sprintf("%.2f× missed by %.0f%%", t.Got, 100*by)
 }
 
-// NewReport computes the ratios and targets of results.
+// NewReport computes the ratios and targets of a Run's results.
 func NewReport(size int64, results []Result) Report {
-	r := Report{Size: size, Machine: DescribeMachine(), CPUNote: CPUNote, Results: results}
+	return newReport(size, results, streamTargets)
+}
+
+func newReport(size int64, results []Result, specs []targetSpec) Report {
+	r := Report{Mode: ModeStream, Size: size, Machine: DescribeMachine(), CPUNote: CPUNote, Results: results}
 	for _, p := range results {
 		if !p.OK() {
 			continue
@@ -92,7 +107,7 @@ func NewReport(size int64, results []Result) Report {
 				Throughput: p.MBps / b.MBps, CPU: div(p.CPUPerGB, b.CPUPerGB)})
 		}
 	}
-	r.Targets = targets(results)
+	r.Targets = targets(results, specs)
 	return r
 }
 
@@ -103,8 +118,27 @@ func div(a, b float64) float64 {
 	return a / b
 }
 
-// targets checks the ratios issue 5 asks for.
-func targets(results []Result) []Target {
+// targetSpec is a target: path's throughput (or, with cpu, its CPU per
+// GB, at most want) over base's.
+type targetSpec struct {
+	name, path, base string
+	want             float64
+	cpu              bool
+}
+
+// streamTargets are the ratios issue 5 asks of a Run.
+var streamTargets = []targetSpec{
+	{"plain/1 throughput vs socat", "migtun/plain/1", Socat, 1.1, false},
+	{"plain/1 CPU per GB vs socat", "migtun/plain/1", Socat, 0.9, true},
+	{"tls/1 vs stunnel", "migtun/tls/1", Stunnel, 2, false},
+	{"tls/1 vs go-tls-relay", "migtun/tls/1", GoTLSRelay, 1.5, false},
+	{"tls/4 vs tls/1", "migtun/tls/4", "migtun/tls/1", 1.2, false},
+	{"quic/1 vs quic-go-naive", "migtun/quic/1", QUICGoNaive, 3, false},
+	{"quic/1 vs tls/1", "migtun/quic/1", "migtun/tls/1", 0.6, false},
+}
+
+// targets checks specs on results.
+func targets(results []Result, specs []targetSpec) []Target {
 	find := func(name string) (Result, bool) {
 		for _, r := range results {
 			if r.Path == name && r.OK() {
@@ -112,20 +146,6 @@ func targets(results []Result) []Target {
 			}
 		}
 		return Result{}, false
-	}
-	type spec struct {
-		name, path, base string
-		want             float64
-		cpu              bool
-	}
-	specs := []spec{
-		{"plain/1 throughput vs socat", "migtun/plain/1", Socat, 1.1, false},
-		{"plain/1 CPU per GB vs socat", "migtun/plain/1", Socat, 0.9, true},
-		{"tls/1 vs stunnel", "migtun/tls/1", Stunnel, 2, false},
-		{"tls/1 vs go-tls-relay", "migtun/tls/1", GoTLSRelay, 1.5, false},
-		{"tls/4 vs tls/1", "migtun/tls/4", "migtun/tls/1", 1.2, false},
-		{"quic/1 vs quic-go-naive", "migtun/quic/1", QUICGoNaive, 3, false},
-		{"quic/1 vs tls/1", "migtun/quic/1", "migtun/tls/1", 0.6, false},
 	}
 	var out []Target
 	for _, s := range specs {
@@ -178,7 +198,11 @@ func WriteJSON(w io.Writer, r Report) error {
 // baseline and the targets.
 func WriteTable(w io.Writer, r Report) error {
 	m := r.Machine
-	fmt.Fprintf(w, "%s through each path; %d CPUs, %s, Linux %s, %s\n\n", FormatSize(r.Size), m.CPUs, m.CPUModel, m.Kernel, m.GoVersion)
+	what := " through each path"
+	if r.Mode == ModeQEMU {
+		what = " of guest RAM migrated by QEMU through each path"
+	}
+	fmt.Fprintf(w, "%s%s; %d CPUs, %s, Linux %s, %s\n\n", FormatSize(r.Size), what, m.CPUs, m.CPUModel, m.Kernel, m.GoVersion)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "path\tMB/s\tCPU s/GB\trelay CPU s/GB\t\tthroughput vs baselines")
 	for _, p := range r.Results {
@@ -199,7 +223,7 @@ func WriteTable(w io.Writer, r Report) error {
 		fmt.Fprintf(tw, "%s\t%.0f\t%.2f\t%.2f\t\t%s\n", p.Path, p.MBps, p.CPUPerGB, p.RelayCPUPerGB, strings.Join(rs, "  "))
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "\n%s\n\ntargets (issue 5):\n", CPUNote)
+	fmt.Fprintf(w, "\n%s\n\ntargets (issue 5):\n", r.CPUNote)
 	for _, t := range r.Targets {
 		fmt.Fprintf(w, "  %s\n", t)
 	}

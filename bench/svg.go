@@ -39,7 +39,11 @@ func WriteSVG(w io.Writer, r Report) error {
 		width, height, width, height)
 	fmt.Fprintf(&b, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
 	m := r.Machine
-	fmt.Fprintf(&b, `<text x="10" y="20" font-size="15" font-weight="bold">migtun bench: %s per path</text>`+"\n", esc(FormatSize(r.Size)))
+	title := "migtun bench: %s per path"
+	if r.Mode == ModeQEMU {
+		title = "migtun bench --qemu: a QEMU migration of %s of guest RAM per path"
+	}
+	fmt.Fprintf(&b, `<text x="10" y="20" font-size="15" font-weight="bold">`+title+`</text>`+"\n", esc(FormatSize(r.Size)))
 	fmt.Fprintf(&b, `<text x="10" y="38" fill="#555">%d CPUs, %s, Linux %s, %s</text>`+"\n", m.CPUs, esc(m.CPUModel), esc(m.Kernel), esc(m.GoVersion))
 	x1 := label
 	x2 := label + panel + gap

@@ -15,7 +15,7 @@ import (
 	"github.com/migtun/migtun/bench"
 )
 
-const benchSynopsis = `bench [--transport tls,quic,plain] [--streams 1,4] [--size 4GiB]
+const benchSynopsis = `bench [--qemu] [--transport tls,quic,plain] [--streams 1,4] [--size 4GiB]
               [--baselines direct,go-tls-relay,quic-go-naive,socat,stunnel]
               [--json] [--svg FILE] [--dir DIR]`
 
@@ -28,7 +28,8 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("bench", benchSynopsis, stderr)
 	transports := fs.String("transport", "tls,quic,plain", "comma-separated transports to measure: tls, quic, plain")
 	streams := fs.String("streams", "1,4", "comma-separated stream counts to measure each transport with")
-	size := fs.String("size", "4GiB", "volume pushed through each path (e.g. 512MiB, 4GiB)")
+	size := fs.String("size", "4GiB", "volume pushed through each path (e.g. 512MiB, 4GiB); with --qemu the guest RAM, default 512MiB")
+	qemu := fs.Bool("qemu", false, "migrate a real QEMU guest (paused, random RAM) through each path instead of pushing bytes; migtun paths with N streams use multifd with N channels")
 	baselines := fs.String("baselines", strings.Join(bench.AllBaselines, ","),
 		"comma-separated baselines to measure beside migtun (socat and stunnel are skipped when not installed); \"none\" for none")
 	asJSON := fs.Bool("json", false, "print the results as JSON instead of a table")
@@ -48,6 +49,9 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	}
 	if *baselines != "none" {
 		cfg.Baselines = splitBenchList(*baselines)
+	}
+	if *qemu && !flagSet(fs, "size") {
+		*size = bench.FormatSize(bench.DefaultQEMURAM)
 	}
 	n, err := bench.ParseSize(*size)
 	if err != nil {
@@ -75,11 +79,15 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	results, err := bench.Run(ctx, cfg)
+	run, report := bench.Run, bench.NewReport
+	if *qemu {
+		run, report = bench.RunQEMU, bench.NewQEMUReport
+	}
+	results, err := run(ctx, cfg)
 	if err != nil {
 		return fmt.Errorf("bench: %w", err)
 	}
-	rep := bench.NewReport(cfg.Size, results)
+	rep := report(cfg.Size, results)
 	if *svg != "" {
 		f, err := os.Create(*svg)
 		if err == nil {
@@ -120,7 +128,7 @@ func benchProgress(w io.Writer) func(bench.Progress) {
 	return func(p bench.Progress) {
 		if !tty {
 			if p.Done {
-				fmt.Fprintf(w, "[%d/%d] %s: %s in %s\n", p.Index, p.Total, p.Path, bench.FormatSize(p.Bytes), p.Elapsed.Round(time.Millisecond))
+				fmt.Fprintf(w, "[%d/%d] %s: %.1f MB in %s\n", p.Index, p.Total, p.Path, float64(p.Bytes)/1e6, p.Elapsed.Round(time.Millisecond))
 			}
 			return
 		}

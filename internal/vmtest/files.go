@@ -84,6 +84,15 @@ func CompareImages(src, dst *VM) error {
 	return errors.Join(errs...)
 }
 
+// CompareRAM checks that src and dst have identical RAM, for migrations
+// that move no disk. The error wraps [ErrMismatch].
+func CompareRAM(src, dst *VM) error {
+	if err := compareFiles(src.RAMPath, dst.RAMPath); err != nil {
+		return fmt.Errorf("RAM: %w", err)
+	}
+	return nil
+}
+
 // compareFiles compares two files by hash, hashing both at once, and
 // locates the first difference on mismatch.
 func compareFiles(a, b string) error {

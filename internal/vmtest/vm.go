@@ -307,6 +307,9 @@ func (v *VM) connect(ctx context.Context) error {
 	return nil
 }
 
+// PID is the QEMU process's ID, for reading its CPU time.
+func (v *VM) PID() int { return v.cmd.Process.Pid }
+
 // Alive reports whether the QEMU process is still running.
 func (v *VM) Alive() bool {
 	if v.cmd == nil {
