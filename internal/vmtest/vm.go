@@ -298,8 +298,13 @@ func (v *VM) connect(ctx context.Context) error {
 	close(stop)
 	wg.Wait()
 	if err != nil {
-		if !v.Alive() {
+		// A QEMU that fails at start may accept the QMP connection and
+		// drop it as it exits, before the exit is reaped: give the exit a
+		// moment to show.
+		select {
+		case <-v.exited:
 			return fmt.Errorf("vmtest: QEMU exited (%v): %s", v.waitErr, v.logTail())
+		case <-time.After(2 * time.Second):
 		}
 		return fmt.Errorf("vmtest: connect to QMP: %w", err)
 	}
