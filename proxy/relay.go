@@ -15,6 +15,11 @@ import (
 // many TLS records or QUIC frames and one write fills many.
 const bufferSize = 256 << 10
 
+// localWriteBuffer is the send buffer of a local UNIX socket: a few
+// records of the tunnel, so a write of a whole record does not block half
+// way while the local reader catches up.
+const localWriteBuffer = 1 << 20
+
 var bufferPool = sync.Pool{New: func() any { b := make([]byte, bufferSize); return &b }}
 
 // Counts holds the bytes a relay moved, updated while it runs.
@@ -31,6 +36,9 @@ type Counts struct {
 // both connections are aborted at once so both ends see the failure. It
 // closes both connections before returning and reports the first error.
 func relay(local net.Conn, remote tunnel.Stream, counts *Counts) error {
+	if u, ok := local.(*net.UnixConn); ok {
+		_ = u.SetWriteBuffer(localWriteBuffer)
+	}
 	remoteIO := net.Conn(remote)
 	if raw, ok := tunnel.RawConn(remote); ok {
 		remoteIO = raw // plain transport: let the kernel move the bytes
