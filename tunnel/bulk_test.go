@@ -312,6 +312,23 @@ func FuzzBulkRecord(f *testing.F) {
 			payloads = append(payloads, bytes.Clone(p))
 			r.release()
 		}
+		// Read with a buffer of a size taken from the input, so that both
+		// the in-place and the buffered path see it, must agree.
+		_, r2 := testEnds(t, nil, bytes.NewReader(wire))
+		buf := make([]byte, 1+len(wire)%(2*bulkMaxPayload))
+		var viaRead []byte
+		var rerr error
+		for {
+			n, e := r2.Read(buf)
+			viaRead = append(viaRead, buf[:n]...)
+			if e != nil {
+				rerr = e
+				break
+			}
+		}
+		if !bytes.Equal(viaRead, bytes.Join(payloads, nil)) || (rerr == io.EOF) != (err == io.EOF) {
+			t.Fatalf("Read and readRecord disagree: %d vs %d bytes, %v vs %v", len(viaRead), len(bytes.Join(payloads, nil)), rerr, err)
+		}
 		if err != io.EOF {
 			return // refused: fine, as long as it did not panic
 		}

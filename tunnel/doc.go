@@ -24,5 +24,10 @@
 //	d := tunnel.NewDialer(cfg)
 //	s, err := d.Open(ctx, "peer.example:7400", tunnel.Header{Kind: tunnel.KindData, Channel: "main"})
 //
+// Data streams over TLS leave crypto/tls after the accept reply and carry
+// their bytes in large AES-GCM records of their own on the TCP connection
+// (the bulk record layer, negotiated with [ALPNBulk]); such a stream's
+// ReadFrom and WriteTo move one whole record per system call.
+//
 // The package knows nothing of QEMU; see docs/protocol.md for the wire format.
 package tunnel
