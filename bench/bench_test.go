@@ -83,7 +83,7 @@ func TestBenchCommand(t *testing.T) {
 	if n := len(rep.Ratios); n != 2 {
 		t.Errorf("got %d ratios, want 2 (tls and plain against direct): %+v", n, rep.Ratios)
 	}
-	for _, s := range []string{"[3/3] migtun/plain/1: 32MiB"} {
+	for _, s := range []string{"[3/3] migtun/plain/1: 33.6 MB"} {
 		if !strings.Contains(stderr.String(), s) {
 			t.Errorf("stderr lacks progress %q:\n%s", s, stderr.String())
 		}
