@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -416,3 +417,70 @@ func TestRelayLocalClosed(t *testing.T) {
 		}
 	})
 }
+
+// TestRelayRecordPath checks which legs take the record fast path: a tls
+// stream (the bulk record layer) moves whole records through its ReadFrom
+// and WriteTo; QUIC streams have neither, so they use pipe's large buffer,
+// and local sockets and plain streams are left to pipe and splice.
+// checkDuplex also checks the counts are exact on the fast path.
+func TestRelayRecordPath(t *testing.T) {
+	leaktest.Check(t)
+	near, _ := streamPair(t, tunnel.TLS)
+	if _, ok := recordWriter(near); !ok {
+		t.Errorf("a tls stream (%T) has no record ReadFrom", near)
+	}
+	if _, ok := recordReader(near); !ok {
+		t.Errorf("a tls stream (%T) has no record WriteTo", near)
+	}
+	q, _ := streamPair(t, tunnel.QUIC)
+	if _, ok := recordWriter(q); ok {
+		t.Errorf("a quic stream (%T) would take the record path", q)
+	}
+	if _, ok := recordReader(q); ok {
+		t.Errorf("a quic stream (%T) would take the record path", q)
+	}
+	a, _ := localPair(t, "tcp")
+	if _, ok := recordWriter(a); ok {
+		t.Error("a local TCP socket would take the record path")
+	}
+	checkDuplex(t, startRelay(t, "unix", tunnel.TLS), 5<<20+3)
+}
+
+// recordSink stands in for a record stream's ReadFrom: it sends each read
+// whole, and its third send fails.
+type recordSink struct{ sent int64 }
+
+func (s *recordSink) ReadFrom(r io.Reader) (int64, error) {
+	buf := make([]byte, 10)
+	for i := 0; ; i++ {
+		n, err := r.Read(buf)
+		if i == 2 && n > 0 {
+			return s.sent, errors.New("send failed")
+		}
+		s.sent += int64(n)
+		if err == io.EOF {
+			return s.sent, nil
+		}
+		if err != nil {
+			return s.sent, err
+		}
+	}
+}
+
+// TestReadFromCounted checks that the up count never includes bytes that
+// were read from the local socket but not sent.
+func TestReadFromCounted(t *testing.T) {
+	var n atomic.Int64
+	err := readFromCounted(&recordSink{}, io.LimitReader(zeros{}, 100), &n)
+	if err == nil || n.Load() != 20 {
+		t.Fatalf("after a failed send: err %v, count %d; want an error and 20", err, n.Load())
+	}
+	n.Store(0)
+	if err := readFromCounted(&recordSink{}, io.LimitReader(zeros{}, 15), &n); err != nil || n.Load() != 15 {
+		t.Fatalf("clean end: err %v, count %d; want nil and 15", err, n.Load())
+	}
+}
+
+type zeros struct{}
+
+func (zeros) Read(b []byte) (int, error) { clear(b); return len(b), nil }
