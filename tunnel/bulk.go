@@ -52,8 +52,9 @@ const (
 	bulkTypeEnd  = 2
 )
 
-// bulkPool holds buffers of one whole record. A stream takes one only while
-// it seals or opens a record, so idle streams hold none.
+// bulkPool holds buffers of one whole record. Read, Write and WriteTo take
+// one only while they seal or open a record, so an idle stream holds none;
+// ReadFrom holds one while it runs, as a relay's copy buffer would.
 var bulkPool = sync.Pool{New: func() any { b := make([]byte, bulkRecordMax); return &b }}
 
 // Errors of the bulk record layer. A stream that returned one of them is
