@@ -413,9 +413,7 @@ type tcpConn struct {
 	rawEOF atomic.Bool
 
 	bounded bool
-	recHdr  [5]byte
-	recHdrN int // bytes of the current record header read
-	recLeft int // bytes of the current record body not yet read
+	rec     recordBound
 }
 
 // boundTLSReads is whether new TLS connections bound their reads to TLS
@@ -426,19 +424,45 @@ func (c *tcpConn) Read(b []byte) (int, error) {
 	if !c.bounded {
 		return c.read(b)
 	}
-	if c.recLeft == 0 {
-		n, err := c.read(b[:min(len(b), len(c.recHdr)-c.recHdrN)])
-		copy(c.recHdr[c.recHdrN:], b[:n])
-		if c.recHdrN += n; c.recHdrN == len(c.recHdr) {
-			c.recHdrN = 0
-			c.recLeft = int(binary.BigEndian.Uint16(c.recHdr[3:]))
-		}
-		return n, err
-	}
-	n, err := c.read(b[:min(len(b), c.recLeft)])
-	c.recLeft -= n
+	b = c.rec.limit(b)
+	n, err := c.read(b)
+	c.rec.advance(b[:n])
 	return n, err
 }
+
+// recordBound follows the TLS records of a byte stream (a 5-byte header
+// whose last two bytes are the body's length, then the body) so that a
+// reader can stop at the end of each header and each body.
+type recordBound struct {
+	hdr  [5]byte
+	hdrN int // bytes of the current record header seen
+	left int // bytes of the current record body not yet seen
+}
+
+// limit shortens b to what may be read without passing the end of the
+// current record header or body.
+func (r *recordBound) limit(b []byte) []byte {
+	if r.left > 0 {
+		return b[:min(len(b), r.left)]
+	}
+	return b[:min(len(b), len(r.hdr)-r.hdrN)]
+}
+
+// advance takes note of p, bytes read into a buffer shortened by limit.
+func (r *recordBound) advance(p []byte) {
+	if r.left > 0 {
+		r.left -= len(p)
+		return
+	}
+	r.hdrN += copy(r.hdr[r.hdrN:], p)
+	if r.hdrN == len(r.hdr) {
+		r.hdrN = 0
+		r.left = int(binary.BigEndian.Uint16(r.hdr[3:]))
+	}
+}
+
+// atBoundary reports whether the bytes seen end with a whole record.
+func (r *recordBound) atBoundary() bool { return r.hdrN == 0 && r.left == 0 }
 
 func (c *tcpConn) read(b []byte) (int, error) {
 	if len(c.first) > 0 {
@@ -458,5 +482,5 @@ func (c *tcpConn) read(b []byte) (int, error) {
 // reads being bounded, none in crypto/tls's. (Unbounded, it only says the
 // first byte was taken.)
 func (c *tcpConn) atRecordBoundary() bool {
-	return len(c.first) == 0 && c.recHdrN == 0 && c.recLeft == 0
+	return len(c.first) == 0 && c.rec.atBoundary()
 }
