@@ -26,8 +26,9 @@
 // guest, so the source is never resumed. A broken channel pauses both
 // QEMUs; Run then asks the destination (vm-recover) to listen again on the
 // session's main route and resumes the source into the same session, until
-// Options.RecoverTimeout. A migration not recovered in time fails with
-// [ErrPostcopyPaused] and both QEMUs left paused for a recovery by hand.
+// Options.RecoverTimeout. A migration that fails in postcopy (not
+// recovered in time, a timeout, a signal) fails with [ErrPostcopyFailed],
+// both QEMUs left as they are for a recovery by hand.
 //
 // [Controller] is the destination's side, plugged into the proxy as its
 // [proxy.VMController]; [Run] is the source's side.

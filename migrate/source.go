@@ -33,12 +33,13 @@ const (
 	PostcopyImmediately = "immediately"
 )
 
-// ErrPostcopyPaused is wrapped by the error of a migration that broke in
-// postcopy and could not be recovered in time. The guest's state is split
-// between the hosts: neither QEMU is resumed or cancelled, both are left
-// postcopy-paused, so the migration can still be recovered by hand
+// ErrPostcopyFailed is wrapped by the error of a migration that failed
+// after it switched to postcopy: a broken channel not recovered within
+// RecoverTimeout, a timeout or a signal. The guest's state is then split
+// between the hosts, so neither QEMU is resumed or cancelled; a paused one
+// stays postcopy-paused and can still be recovered by hand
 // (migrate-recover on the destination, migrate with resume on the source).
-var ErrPostcopyPaused = errors.New("postcopy migration paused and not recovered; both QEMUs are left postcopy-paused")
+var ErrPostcopyFailed = errors.New("the migration failed in postcopy; neither QEMU was resumed or cancelled")
 
 // Steps, as errors and progress name them.
 const (
@@ -231,6 +232,10 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	if err != nil {
 		r.rollback(err)
+		var se *StepError
+		if r.inPostcopy && !errors.Is(err, ErrPostcopyFailed) && errors.As(err, &se) {
+			se.Err = fmt.Errorf("%w: %w", ErrPostcopyFailed, se.Err)
+		}
 		return nil, err
 	}
 	return res, nil
@@ -633,7 +638,7 @@ func (r *run) recoverPostcopy(ctx context.Context) error {
 		return ctx.Err()
 	}
 	if time.Since(r.pausedAt) > r.o.RecoverTimeout {
-		return fmt.Errorf("%w: the migration channel broke and %v of retries did not bring it back: %v", ErrPostcopyPaused, r.o.RecoverTimeout, err)
+		return fmt.Errorf("%w: the migration channel broke, both QEMUs paused (postcopy-paused), and %v of retries did not bring it back: %v", ErrPostcopyFailed, r.o.RecoverTimeout, err)
 	}
 	r.progress(Progress{Step: StepPerform, Migration: &qmp.MigrationInfo{Status: qmp.MigrationPostcopyPaused}, Recovering: err.Error()})
 	select { // the tunnel is down or the destination not paused yet

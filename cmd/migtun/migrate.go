@@ -94,7 +94,7 @@ func runMigrate(args []string, stdout, stderr io.Writer) error {
 			}
 			json.NewEncoder(stdout).Encode(map[string]string{"event": "error", "step": step, "error": err.Error()})
 		}
-		if errors.Is(err, migrate.ErrPostcopyPaused) {
+		if errors.Is(err, migrate.ErrPostcopyFailed) {
 			return fmt.Errorf("migrate: %w (the guest's state is split between the hosts: neither QEMU was resumed or cancelled)", err)
 		}
 		if errors.As(err, new(*migrate.StepError)) && err.(*migrate.StepError).Step == migrate.StepConfirm {

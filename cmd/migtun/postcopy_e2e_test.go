@@ -23,20 +23,30 @@ import (
 // migrate must recover through the same session (migrate-recover on the
 // destination, migrate resume on the source) and complete, with RAM and
 // disk identical on both hosts and no session or socket left. A link that
-// stays cut past --recover-timeout must fail the command with neither QEMU
-// resumed or cancelled: the guest's state is split between the hosts.
+// stays cut past --recover-timeout, and a --timeout that ends the command
+// in postcopy, must fail it with neither QEMU resumed or cancelled: the
+// guest's state is split between the hosts.
 func TestPostcopyRecovery(t *testing.T) {
 	requireTool(t, "qemu-system-x86_64")
 	if os.Geteuid() != 0 {
 		t.Skip("needs root for ip netns and tc")
 	}
 	for _, transport := range []string{"tls", "quic"} {
-		t.Run(transport, func(t *testing.T) { testPostcopyRecovery(t, transport, true) })
+		t.Run(transport, func(t *testing.T) { testPostcopyRecovery(t, transport, healed) })
 	}
-	t.Run("tls/never-healed", func(t *testing.T) { testPostcopyRecovery(t, "tls", false) })
+	t.Run("tls/never-healed", func(t *testing.T) { testPostcopyRecovery(t, "tls", neverHealed) })
+	t.Run("tls/timeout-in-postcopy", func(t *testing.T) { testPostcopyRecovery(t, "tls", timeoutInPostcopy) })
 }
 
-func testPostcopyRecovery(t *testing.T, transport string, heal bool) {
+// How TestPostcopyRecovery's link fares.
+const (
+	healed            = "healed"       // cut in postcopy, healed once the source paused
+	neverHealed       = "never-healed" // cut in postcopy for good
+	timeoutInPostcopy = "timeout"      // never cut; migtun migrate's --timeout ends it in postcopy
+)
+
+func testPostcopyRecovery(t *testing.T, transport, link string) {
+	heal := link == healed
 	ns := newNetnsPair(t)
 	dir := shortTempDir(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -59,9 +69,10 @@ func testPostcopyRecovery(t *testing.T, transport string, heal bool) {
 	// RAM take about 20 s to arrive, time enough to cut the link in the
 	// middle.
 	cmd := exec.CommandContext(ctx, migtunBin, "migrate", "--control", srcCtl, "--peer", dst.Addr,
-		"--qmp", "unix:"+srcVM.QMPPath, "--dest-vm", "vm1", "--timeout", "4m", "--copy-storage", "all", "--paused",
+		"--qmp", "unix:"+srcVM.QMPPath, "--dest-vm", "vm1", "--copy-storage", "all", "--paused",
 		"--postcopy", "--postcopy-start", "immediately", "--postcopy-bandwidth", "12582912", "--json",
-		"--recover-timeout", map[bool]string{true: "60s", false: "5s"}[heal])
+		"--recover-timeout", map[bool]string{true: "60s", false: "5s"}[heal],
+		"--timeout", map[bool]string{true: "6s", false: "4m"}[link == timeoutInPostcopy])
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -103,7 +114,7 @@ func testPostcopyRecovery(t *testing.T, transport string, heal bool) {
 			status = ev.Migration.Status
 		}
 		switch {
-		case cutAt.IsZero() && status == qmp.MigrationPostcopyActive && ev.Migration.RAM != nil && ev.Migration.RAM.Transferred > 32<<20:
+		case link != timeoutInPostcopy && cutAt.IsZero() && status == qmp.MigrationPostcopyActive && ev.Migration.RAM != nil && ev.Migration.RAM.Transferred > 32<<20:
 			t.Logf("cutting the link in postcopy after %s of RAM, with %s", migSize(ev.Migration.RAM.Transferred), ns.cut(t))
 			cutAt = time.Now()
 		case !cutAt.IsZero() && pausedAt.IsZero() && status == qmp.MigrationPostcopyPaused:
@@ -125,8 +136,12 @@ func testPostcopyRecovery(t *testing.T, transport string, heal bool) {
 		ns.heal(t)
 	}
 	out := strings.Join(lines, "\n")
+	if link == timeoutInPostcopy {
+		// Ending the command aborts the session, which cuts the streams.
+		pausedAt = time.Now()
+	}
 	if !heal {
-		checkSplitLeftAlone(ctx, t, err, out+stderr.String(), pausedAt, srcVM, dstVM)
+		checkSplitLeftAlone(ctx, t, err, out+"\n"+stderr.String(), pausedAt, srcVM, dstVM)
 		checkHostsClean(t, []string{srcCtl}, srcSocks)
 		return
 	}
@@ -171,8 +186,8 @@ func checkSplitLeftAlone(ctx context.Context, t *testing.T, err error, out strin
 	if pausedAt.IsZero() {
 		t.Fatalf("the source QEMU was never seen postcopy-paused after the cut:\n%s", migTail(out, 20))
 	}
-	if !strings.Contains(out, "split between the hosts") || !strings.Contains(out, "postcopy-paused") {
-		t.Errorf("the error does not say the state is split and left paused:\n%s", migTail(out, 4))
+	if !strings.Contains(out, "failed in postcopy") || !strings.Contains(out, "split between the hosts") {
+		t.Errorf("the error does not say the state is split:\n%s", migTail(out, 4))
 	}
 	t.Logf("migtun migrate failed as it should: %s", migTail(out, 1))
 	reconnect(t, srcVM)
