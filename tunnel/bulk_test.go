@@ -623,32 +623,7 @@ func BenchmarkTLSStream(b *testing.B) {
 			p := newPair(b, TLS)
 			p.d.cfg.DisableBulk = mode != "bulk"
 			near, far := bulkPair(b, p)
-			const size = 64 << 20
-			chunk := randBytes(1 << 20)
-			b.SetBytes(size)
-			for b.Loop() {
-				done := make(chan error, 1)
-				go func() {
-					buf := make([]byte, 1<<20)
-					for got := 0; got < size; {
-						n, err := far.Read(buf)
-						got += n
-						if err != nil {
-							done <- err
-							return
-						}
-					}
-					done <- nil
-				}()
-				for sent := 0; sent < size; sent += len(chunk) {
-					if _, err := near.Write(chunk); err != nil {
-						b.Fatal(err)
-					}
-				}
-				if err := <-done; err != nil {
-					b.Fatal(err)
-				}
-			}
+			benchOneWay(b, near, far)
 		})
 	}
 }

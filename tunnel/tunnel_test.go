@@ -400,3 +400,34 @@ func TestWrongCARefused(t *testing.T) {
 		})
 	}
 }
+
+// benchOneWay writes 64 MiB per op on near in 1 MiB chunks and reads them
+// on far.
+func benchOneWay(b *testing.B, near, far Stream) {
+	const size = 64 << 20
+	chunk := randBytes(1 << 20)
+	b.SetBytes(size)
+	for b.Loop() {
+		done := make(chan error, 1)
+		go func() {
+			buf := make([]byte, 1<<20)
+			for got := 0; got < size; {
+				n, err := far.Read(buf)
+				got += n
+				if err != nil {
+					done <- err
+					return
+				}
+			}
+			done <- nil
+		}()
+		for sent := 0; sent < size; sent += len(chunk) {
+			if _, err := near.Write(chunk); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if err := <-done; err != nil {
+			b.Fatal(err)
+		}
+	}
+}
