@@ -199,6 +199,16 @@ func Run(ctx context.Context, cfg Config) ([]Result, error) {
 	if cfg.Stall == 0 {
 		cfg.Stall = DefaultStall
 	}
+	return runPaths(ctx, &cfg, "sink.sock", measure)
+}
+
+// measureFunc measures path p, the index-th of total, in e.
+type measureFunc func(ctx context.Context, cfg *Config, p path, e *env, index, total int) Result
+
+// runPaths measures each path of cfg's plan in turn, each in a directory
+// of its own under cfg.Dir (a temporary directory, removed at the end,
+// when empty) with its sink's socket named sink there.
+func runPaths(ctx context.Context, cfg *Config, sink string, measure measureFunc) ([]Result, error) {
 	dir := cfg.Dir
 	if dir == "" {
 		d, err := os.MkdirTemp("", "migtun-bench-")
@@ -208,15 +218,7 @@ func Run(ctx context.Context, cfg Config) ([]Result, error) {
 		defer os.RemoveAll(d)
 		dir = d
 	}
-	var (
-		pkiOnce sync.Once
-		thePKI  *pki
-		pkiErr  error
-	)
-	getPKI := func() (*pki, error) {
-		pkiOnce.Do(func() { thePKI, pkiErr = makePKI(cfg.Migtun, filepath.Join(dir, "pki")) })
-		return thePKI, pkiErr
-	}
+	getPKI := sync.OnceValues(func() (*pki, error) { return makePKI(cfg.Migtun, filepath.Join(dir, "pki")) })
 	paths := cfg.plan()
 	var results []Result
 	for i, p := range paths {
@@ -227,8 +229,8 @@ func Run(ctx context.Context, cfg Config) ([]Result, error) {
 		if err := os.MkdirAll(pdir, 0o700); err != nil {
 			return results, err
 		}
-		r := measure(ctx, &cfg, p, &env{cfg: &cfg, dir: pdir, sink: filepath.Join(pdir, "sink.sock"), pki: getPKI}, i+1, len(paths))
-		results = append(results, r)
+		e := &env{cfg: cfg, dir: pdir, sink: filepath.Join(pdir, sink), pki: getPKI}
+		results = append(results, measure(ctx, cfg, p, e, i+1, len(paths)))
 	}
 	return results, ctx.Err()
 }

@@ -4,10 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
-	"strconv"
-	"sync"
 	"time"
 
 	"github.com/migtun/migtun/internal/vmtest"
@@ -64,30 +60,7 @@ func RunQEMU(ctx context.Context, cfg Config) ([]Result, error) {
 	if _, err := vmtest.QEMUBinary(); err != nil {
 		return nil, fmt.Errorf("%w (apt-get install qemu-system-x86)", err)
 	}
-	dir := cfg.Dir
-	if dir == "" {
-		d, err := os.MkdirTemp("", "migtun-bench-")
-		if err != nil {
-			return nil, err
-		}
-		defer os.RemoveAll(d)
-		dir = d
-	}
-	getPKI := sync.OnceValues(func() (*pki, error) { return makePKI(cfg.Migtun, filepath.Join(dir, "pki")) })
-	paths := cfg.plan()
-	var results []Result
-	for i, p := range paths {
-		if err := ctx.Err(); err != nil {
-			return results, err
-		}
-		pdir := filepath.Join(dir, strconv.Itoa(i))
-		if err := os.MkdirAll(pdir, 0o700); err != nil {
-			return results, err
-		}
-		e := &env{cfg: &cfg, dir: pdir, sink: filepath.Join(pdir, "in.sock"), pki: getPKI}
-		results = append(results, measureQEMU(ctx, &cfg, p, e, i+1, len(paths)))
-	}
-	return results, ctx.Err()
+	return runPaths(ctx, &cfg, "in.sock", measureQEMU)
 }
 
 // measureQEMU runs one migration through p.

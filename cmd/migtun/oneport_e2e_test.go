@@ -79,22 +79,11 @@ func TestOnePort(t *testing.T) {
 		return accepted, dropped, text
 	}
 
-	dir := shortTempDir(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	// The QEMUs stay in the host's namespace: they talk to migtun over
-	// UNIX sockets, which network namespaces share.
-	srcVM, dstVM := startVMs(ctx, t, dir, 256<<20, 64<<20)
-	srcVM.QMP.Close()
-	dstVM.QMP.Close()
-	ca := relPKI(t, map[string][]string{"src": {ns.ipA}, "dst": {ns.ipB}})
-	srcCtl, dstCtl := "unix:"+filepath.Join(dir, "src.ctl"), "unix:"+filepath.Join(dir, "dst.ctl")
-	srcSocks, dstSocks := filepath.Join(dir, "ss"), filepath.Join(dir, "ds")
+	h := newNetnsMigrateHosts(ctx, t, ns, onePortPort, 256<<20, 64<<20, "--transport", "tls")
+	srcVM, dstVM, dst := h.srcVM, h.dstVM, h.dst
 	listen := ns.ipB + ":" + strconv.Itoa(onePortPort)
-	dst := startRel(t, ca, "dst", listen, []string{"ip", "netns", "exec", ns.b},
-		"--transport", "tls", "--control", dstCtl, "--socket-dir", dstSocks, "--qmp", "vm1=unix:"+dstVM.QMPPath)
-	startRel(t, ca, "src", ns.ipA+":"+strconv.Itoa(onePortPort), []string{"ip", "netns", "exec", ns.a},
-		"--transport", "tls", "--control", srcCtl, "--socket-dir", srcSocks)
 	if dst.Addr != listen {
 		t.Fatalf("destination listens on %s, want %s", dst.Addr, listen)
 	}
@@ -105,9 +94,9 @@ func TestOnePort(t *testing.T) {
 	start := time.Now()
 	// migtun migrate runs on the source host: it reaches its migtun and
 	// QEMU over UNIX sockets only.
-	out, err := exec.CommandContext(ctx, "ip", "netns", "exec", ns.a, migtunBin, "migrate",
-		"--control", srcCtl, "--peer", dst.Addr, "--qmp", "unix:"+srcVM.QMPPath, "--dest-vm", "vm1", "--timeout", "4m",
-		"--copy-storage", "all", "--multifd", "4", "--paused").CombinedOutput()
+	args := append([]string{"netns", "exec", ns.a, migtunBin},
+		h.migrateArgs("--timeout", "4m", "--copy-storage", "all", "--multifd", "4", "--paused")...)
+	out, err := exec.CommandContext(ctx, "ip", args...).CombinedOutput()
 	took := time.Since(start)
 	accepted, dropped, text := counters()
 	if err != nil {
@@ -134,5 +123,5 @@ func TestOnePort(t *testing.T) {
 		t.Errorf("no connection was accepted on port %d: the migration did not go through the firewall", onePortPort)
 	}
 	t.Logf("new connections' packets accepted on port %d: %d; dropped: %d", onePortPort, accepted, dropped)
-	checkHostsClean(t, []string{srcCtl, dstCtl}, srcSocks, dstSocks)
+	h.checkClean(t)
 }

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -48,31 +47,18 @@ const (
 func testPostcopyRecovery(t *testing.T, transport, link string) {
 	heal := link == healed
 	ns := newNetnsPair(t)
-	dir := shortTempDir(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	// The QEMUs stay in the host's namespace and reach migtun over UNIX
-	// sockets; only the tunnel crosses the veth pair.
-	srcVM, dstVM := startVMs(ctx, t, dir, 256<<20, 32<<20)
-	srcVM.QMP.Close()
-	dstVM.QMP.Close()
-	ca := relPKI(t, map[string][]string{"src": {ns.ipA}, "dst": {ns.ipB}})
-	srcCtl, dstCtl := "unix:"+filepath.Join(dir, "src.ctl"), "unix:"+filepath.Join(dir, "dst.ctl")
-	srcSocks, dstSocks := filepath.Join(dir, "ss"), filepath.Join(dir, "ds")
-	common := []string{"--transport", transport, "--idle-timeout", "3s"}
-	dst := startRel(t, ca, "dst", ns.ipB+":7400", []string{"ip", "netns", "exec", ns.b},
-		append(common, "--control", dstCtl, "--socket-dir", dstSocks, "--qmp", "vm1=unix:"+dstVM.QMPPath)...)
-	src := startRel(t, ca, "src", ns.ipA+":7400", []string{"ip", "netns", "exec", ns.a},
-		append(common, "--control", srcCtl, "--socket-dir", srcSocks)...)
+	h := newNetnsMigrateHosts(ctx, t, ns, 7400, 256<<20, 32<<20, "--transport", transport, "--idle-timeout", "3s")
+	srcVM, dstVM, src, dst := h.srcVM, h.dstVM, h.src, h.dst
 
 	// Postcopy at once, its page push held to 12 MiB/s: the 256 MiB of
 	// RAM take about 20 s to arrive, time enough to cut the link in the
 	// middle.
-	cmd := exec.CommandContext(ctx, migtunBin, "migrate", "--control", srcCtl, "--peer", dst.Addr,
-		"--qmp", "unix:"+srcVM.QMPPath, "--dest-vm", "vm1", "--copy-storage", "all", "--paused",
+	cmd := exec.CommandContext(ctx, migtunBin, h.migrateArgs("--copy-storage", "all", "--paused",
 		"--postcopy", "--postcopy-start", "immediately", "--postcopy-bandwidth", "12582912", "--json",
 		"--recover-timeout", map[bool]string{true: "60s", false: "5s"}[heal],
-		"--timeout", map[bool]string{true: "6s", false: "4m"}[link == timeoutInPostcopy])
+		"--timeout", map[bool]string{true: "6s", false: "4m"}[link == timeoutInPostcopy])...)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -142,7 +128,7 @@ func testPostcopyRecovery(t *testing.T, transport, link string) {
 	}
 	if !heal {
 		checkSplitLeftAlone(ctx, t, err, out+"\n"+stderr.String(), pausedAt, srcVM, dstVM)
-		checkHostsClean(t, []string{srcCtl}, srcSocks)
+		checkHostsClean(t, []string{h.srcCtl}, h.srcSocks)
 		return
 	}
 	if err != nil {
@@ -172,7 +158,7 @@ func testPostcopyRecovery(t *testing.T, transport, link string) {
 	if err := vmtest.CompareImages(srcVM, dstVM); err != nil {
 		t.Fatal(err)
 	}
-	checkHostsClean(t, []string{srcCtl, dstCtl}, srcSocks, dstSocks)
+	h.checkClean(t)
 }
 
 // checkSplitLeftAlone checks a postcopy migration that could not be

@@ -5,6 +5,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
@@ -21,6 +22,7 @@ import (
 	"time"
 
 	"github.com/migtun/migtun/internal/sidecar"
+	"github.com/migtun/migtun/internal/vmtest"
 	"github.com/migtun/migtun/proxy"
 )
 
@@ -344,4 +346,50 @@ func (p *netnsPair) heal(t *testing.T) {
 			t.Fatalf("tc qdisc del in %s: %v: %s", ns[0], err, out)
 		}
 	}
+}
+
+// netnsMigrateHosts is a migration between the namespaces of a netnsPair:
+// two VMs in the host's namespace (they reach migtun over UNIX sockets,
+// which namespaces share), a destination migtun in ns.b driving "vm1" and
+// a source migtun in ns.a, each listening on port.
+type netnsMigrateHosts struct {
+	srcVM, dstVM       *vmtest.VM
+	src, dst           *relProc
+	srcCtl, dstCtl     string
+	srcSocks, dstSocks string
+}
+
+// newNetnsMigrateHosts starts the VMs (ram and disk bytes, the source's
+// random) and both migtuns with extra flags; the test lets go of the VMs'
+// monitors, as migtun drives them.
+func newNetnsMigrateHosts(ctx context.Context, t *testing.T, ns *netnsPair, port int, ram, disk int64, extra ...string) *netnsMigrateHosts {
+	t.Helper()
+	dir := shortTempDir(t)
+	h := &netnsMigrateHosts{
+		srcCtl: "unix:" + filepath.Join(dir, "src.ctl"), dstCtl: "unix:" + filepath.Join(dir, "dst.ctl"),
+		srcSocks: filepath.Join(dir, "ss"), dstSocks: filepath.Join(dir, "ds"),
+	}
+	h.srcVM, h.dstVM = startVMs(ctx, t, dir, ram, disk)
+	h.srcVM.QMP.Close()
+	h.dstVM.QMP.Close()
+	ca := relPKI(t, map[string][]string{"src": {ns.ipA}, "dst": {ns.ipB}})
+	p := ":" + strconv.Itoa(port)
+	h.dst = startRel(t, ca, "dst", ns.ipB+p, []string{"ip", "netns", "exec", ns.b},
+		append([]string{"--control", h.dstCtl, "--socket-dir", h.dstSocks, "--qmp", "vm1=unix:" + h.dstVM.QMPPath}, extra...)...)
+	h.src = startRel(t, ca, "src", ns.ipA+p, []string{"ip", "netns", "exec", ns.a},
+		append([]string{"--control", h.srcCtl, "--socket-dir", h.srcSocks}, extra...)...)
+	return h
+}
+
+// migrateArgs is "migtun migrate" from the source to vm1, with extra flags.
+func (h *netnsMigrateHosts) migrateArgs(extra ...string) []string {
+	return append([]string{"migrate", "--control", h.srcCtl, "--peer", h.dst.Addr, "--qmp", "unix:" + h.srcVM.QMPPath,
+		"--dest-vm", "vm1"}, extra...)
+}
+
+// checkClean fails if a session is open on either host or a session
+// socket is left.
+func (h *netnsMigrateHosts) checkClean(t *testing.T) {
+	t.Helper()
+	checkHostsClean(t, []string{h.srcCtl, h.dstCtl}, h.srcSocks, h.dstSocks)
 }
