@@ -56,6 +56,23 @@ func reconnect(t *testing.T, vm *vmtest.VM) {
 	vm.QMP = c
 }
 
+// checkPausedAndEqual takes the VMs' monitors back after a migration of
+// paused VMs, checks neither runs, and that RAM and disk are identical.
+func checkPausedAndEqual(ctx context.Context, t *testing.T, src, dst *vmtest.VM) {
+	t.Helper()
+	reconnect(t, src)
+	reconnect(t, dst)
+	for _, vm := range []*vmtest.VM{src, dst} {
+		st, err := vm.QMP.Status(ctx)
+		if err != nil || st == "running" {
+			t.Errorf("%s: status %q (%v), want paused", vm.Options.Name, st, err)
+		}
+	}
+	if err := vmtest.CompareImages(src, dst); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // migrateCmd runs "migtun migrate" and returns its output.
 func (r *migrateRig) migrateCmd(ctx context.Context, extra ...string) (string, error) {
 	args := append([]string{"migrate", "--control", r.srcCtl, "--peer", r.dst.Addr, "--qmp", "unix:" + r.srcVM.QMPPath,
@@ -93,17 +110,7 @@ func TestMigrateCommand(t *testing.T) {
 				t.Fatalf("migtun migrate: %v\n%s", err, out)
 			}
 			t.Logf("migtun migrate took %v; its output ends:\n%s", time.Since(start).Round(time.Millisecond), migTail(out, 8))
-			reconnect(t, r.srcVM)
-			reconnect(t, r.dstVM)
-			for _, vm := range []*vmtest.VM{r.srcVM, r.dstVM} {
-				st, err := vm.QMP.Status(ctx)
-				if err != nil || st == "running" {
-					t.Errorf("%s: status %q (%v), want paused", vm.Options.Name, st, err)
-				}
-			}
-			if err := vmtest.CompareImages(r.srcVM, r.dstVM); err != nil {
-				t.Fatal(err)
-			}
+			checkPausedAndEqual(ctx, t, r.srcVM, r.dstVM)
 			if tc.name == "postcopy" {
 				// The switch comes after the first pass; a paused guest may
 				// complete before QEMU reports it, so this is logged only.

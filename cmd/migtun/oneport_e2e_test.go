@@ -9,8 +9,6 @@ import (
 	"strconv"
 	"testing"
 	"time"
-
-	"github.com/migtun/migtun/internal/vmtest"
 )
 
 // onePortPort is the only TCP port the destination's firewall lets in.
@@ -105,17 +103,7 @@ func TestOnePort(t *testing.T) {
 	t.Logf("migtun migrate took %v; its output ends:\n%s", took.Round(time.Millisecond), migTail(string(out), 8))
 	t.Logf("firewall of %s after the migration:\n%s", ns.b, text)
 
-	reconnect(t, srcVM)
-	reconnect(t, dstVM)
-	for _, vm := range []*vmtest.VM{srcVM, dstVM} {
-		st, err := vm.QMP.Status(ctx)
-		if err != nil || st == "running" {
-			t.Errorf("%s: status %q (%v), want paused", vm.Options.Name, st, err)
-		}
-	}
-	if err := vmtest.CompareImages(srcVM, dstVM); err != nil {
-		t.Fatal(err)
-	}
+	checkPausedAndEqual(ctx, t, srcVM, dstVM)
 	if dropped != 0 {
 		t.Errorf("the firewall dropped %d packets: the migration needed more than port %d", dropped, onePortPort)
 	}

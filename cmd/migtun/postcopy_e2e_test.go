@@ -147,17 +147,7 @@ func testPostcopyRecovery(t *testing.T, transport, link string) {
 		t.Errorf("result: postcopy %v, recoveries %d; want postcopy and at least one recovery", res.Postcopy, res.Recoveries)
 	}
 	t.Logf("migration done in %v, %d recovery, channels %+v, mismatches %q", res.Total.Round(time.Millisecond), res.Recoveries, res.Channels, res.Mismatch)
-	reconnect(t, srcVM)
-	reconnect(t, dstVM)
-	for _, vm := range []*vmtest.VM{srcVM, dstVM} {
-		st, err := vm.QMP.Status(ctx)
-		if err != nil || st == "running" {
-			t.Errorf("%s: status %q (%v), want paused", vm.Options.Name, st, err)
-		}
-	}
-	if err := vmtest.CompareImages(srcVM, dstVM); err != nil {
-		t.Fatal(err)
-	}
+	checkPausedAndEqual(ctx, t, srcVM, dstVM)
 	h.checkClean(t)
 }
 
