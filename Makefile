@@ -34,7 +34,7 @@ unit:
 
 # The Go benchmarks, once each and briefly, so they do not rot.
 bench-smoke:
-	$(GO) test -run '^$$' -bench . -benchtime 1x ./bench/ ./proxy/
+	$(GO) test -run '^$$' -bench . -benchtime 1x ./bench/ ./proxy/ ./tunnel/
 
 # Each fuzz target for FUZZTIME.
 fuzz:
