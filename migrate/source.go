@@ -759,8 +759,10 @@ func (r *run) rollback(cause error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	if r.postcopy && !r.inPostcopy && r.q != nil && r.q.Err() == nil {
-		// A switch that the polls did not see: QEMU leaves a source that
-		// switched in postmigrate, never running again by itself.
+		// A switch that the polls did not see, or a migration that
+		// completed with postcopy asked for: QEMU leaves such a source in
+		// postmigrate, and since the destination may run the guest, the
+		// source is left alone either way.
 		if st, err := r.q.QueryStatus(ctx); err == nil && (st.Status == "postmigrate" || st.Status == "finish-migrate") {
 			r.inPostcopy = true
 		}
