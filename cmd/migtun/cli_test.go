@@ -56,6 +56,9 @@ func TestBadFlagsNamed(t *testing.T) {
 		{[]string{"session", "show", "--control", "unix:/nonexistent.sock"}, "exactly one session ID"},
 		{[]string{"session", "prepare", "--peer", "h:1", "--channel", "main"}, "--control is required"},
 		{[]string{"session", "list", "--control", "unix:" + filepath.Join(dir, "none.sock")}, "is 'migtun serve --control"},
+		{[]string{"migrate", "--control", "unix:/c", "--peer", "h:1", "--qmp", "unix:/q", "--dest-vm", "vm1", "--postcopy-start", "later"}, "--postcopy-start"},
+		{[]string{"migrate", "--control", "unix:/c", "--peer", "h:1", "--qmp", "unix:/q", "--dest-vm", "vm1", "--recover-timeout", "0s"}, "--recover-timeout"},
+		{[]string{"bench", "--qemu", "--size", "1.5MiB", "--baselines", "direct", "--transport", ""}, "multiple of 1MiB"},
 	}
 	for _, c := range cases {
 		t.Run(strings.Join(c.args, " "), func(t *testing.T) {
