@@ -128,7 +128,9 @@ func measureQEMU(ctx context.Context, cfg *Config, p path, e *env, index, total 
 		}
 	})
 	if err != nil {
-		src.QMP.MigrateCancel(context.Background())
+		cctx, ccancel := context.WithTimeout(context.Background(), 5*time.Second)
+		src.QMP.MigrateCancel(cctx)
+		ccancel()
 		return fail("%v%s", err, procTails(procs))
 	}
 	if _, err := dst.QMP.WaitMigration(ctx, 10*time.Millisecond, nil); err != nil {

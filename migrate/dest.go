@@ -255,7 +255,6 @@ func (c *Controller) RecoverIncoming(ctx context.Context, vm, session string, ma
 		}
 		return fmt.Errorf("VM %q: migrate-recover: %w", vm, err)
 	}
-	c.log.Warn("VM listens again for its paused postcopy migration", "vm", vm, "session", session, "uri", uri)
 	return nil
 }
 

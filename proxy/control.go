@@ -45,7 +45,8 @@ type controlRequest struct {
 	// Reason says why the source aborts.
 	Reason string `json:"reason,omitempty"`
 	// VM names a VM registered on the destination (vm-prepare, vm-finish,
-	// vm-recover, vm-abort); Prepare is what vm-prepare asks, Resume what vm-finish does.
+	// vm-recover, vm-abort); Prepare is what vm-prepare asks, Resume what
+	// vm-finish does.
 	VM      string     `json:"vm,omitempty"`
 	Prepare *VMPrepare `json:"prepare,omitempty"`
 	Resume  bool       `json:"resume,omitempty"`

@@ -166,7 +166,7 @@ func (s *Server) handleVM(sess *session, req controlRequest) controlResponse {
 		if err := s.cfg.VMs.RecoverIncoming(ctx, req.VM, id, main.target); err != nil {
 			return controlResponse{Error: err.Error()}
 		}
-		s.log.Warn("VM listens again for its paused postcopy migration", "session", id, "vm", req.VM)
+		s.log.Warn("VM listens again for its paused postcopy migration", "session", id, "vm", req.VM, "target", main.target.String())
 		return controlResponse{}
 	default: // opVMAbort
 		if err := s.cfg.VMs.AbortIncoming(ctx, req.VM, id); err != nil {
