@@ -45,10 +45,12 @@ func TestReliabilityDestKilledMidMigration(t *testing.T) {
 				srcExtra = append(srcExtra, "--idle-timeout", tc.idle)
 			}
 			h := newRelSessionHosts(t, tc.transport, nil, srcExtra)
-			info := h.prepare(t)
 			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 			defer cancel()
 			src, dst := startVMs(ctx, t, h.dir, 512<<20, 16<<20)
+			// Prepared only now: starting the guests can take longer than
+			// the short --session-ttl on a loaded machine.
+			info := h.prepare(t)
 			if err := src.QMP.Cont(ctx); err != nil {
 				t.Fatal(err)
 			}
