@@ -54,11 +54,12 @@ func testPostcopyRecovery(t *testing.T, transport, link string) {
 
 	// Postcopy at once, its page push held to 12 MiB/s: the 256 MiB of
 	// RAM take about 20 s to arrive, time enough to cut the link in the
-	// middle.
+	// middle, and for a --timeout of 12 s to end the command in postcopy
+	// even when the mirror and the switch are slow to start.
 	cmd := exec.CommandContext(ctx, migtunBin, h.migrateArgs("--copy-storage", "all", "--paused",
 		"--postcopy", "--postcopy-start", "immediately", "--postcopy-bandwidth", "12582912", "--json",
 		"--recover-timeout", map[bool]string{true: "60s", false: "5s"}[heal],
-		"--timeout", map[bool]string{true: "6s", false: "4m"}[link == timeoutInPostcopy])...)
+		"--timeout", map[bool]string{true: "12s", false: "4m"}[link == timeoutInPostcopy])...)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
