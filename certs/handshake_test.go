@@ -276,3 +276,67 @@ func TestReloadFailureKeepsOld(t *testing.T) {
 		t.Errorf("after repair: client sees %q, Err %v", PeerName(cs), server.Err())
 	}
 }
+
+func TestReloadReported(t *testing.T) {
+	dir := newCA(t)
+	server := newHost(t, dir, "server", []string{"server"})
+	client := newHost(t, dir, "client", nil)
+	server.interval = 0
+	type report struct {
+		cn  string
+		err error
+	}
+	var reports []report
+	server.cfg.OnReload = func(leaf *x509.Certificate, err error) {
+		r := report{err: err}
+		if leaf != nil {
+			r.cn = leaf.Subject.CommonName
+		}
+		reports = append(reports, r)
+	}
+	srv := server.ServerConfig(alpn)
+	dialServer := func() {
+		t.Helper()
+		mustDial(t, srv, client.ClientConfig("server", alpn))
+	}
+
+	dialServer()
+	if len(reports) != 0 {
+		t.Fatalf("reports with unchanged files: %+v", reports)
+	}
+	replace(t, dir, "server", "server2", []string{"server"})
+	dialServer()
+	dialServer()
+	if len(reports) != 1 || reports[0].cn != "server2" || reports[0].err != nil {
+		t.Fatalf("after one rotation: reports %+v, want one for server2", reports)
+	}
+
+	keyPath := filepath.Join(dir, "server.key")
+	key, err := os.ReadFile(keyPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(keyPath); err != nil {
+		t.Fatal(err)
+	}
+	dialServer()
+	dialServer()
+	if len(reports) != 2 || reports[1].err == nil || !errors.Is(reports[1].err, os.ErrNotExist) {
+		t.Fatalf("with the key file missing: reports %+v, want one more, with the error", reports)
+	}
+	if err := os.WriteFile(keyPath, []byte("garbage"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dialServer()
+	if len(reports) != 3 || reports[2].err == nil {
+		t.Fatalf("with a broken key: reports %+v, want one more, with the error", reports)
+	}
+	t.Logf("broken key reported as: %v", reports[2].err)
+	if err := os.WriteFile(keyPath, key, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	dialServer()
+	if len(reports) != 4 || reports[3].cn != "server2" || reports[3].err != nil {
+		t.Fatalf("after the repair: reports %+v, want one more for server2", reports)
+	}
+}

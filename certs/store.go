@@ -31,6 +31,12 @@ type Config struct {
 	// matches any name made of one label followed by ".suffix". Empty: any
 	// peer with a certificate from the CA is accepted.
 	AllowedPeers []string
+
+	// OnReload, when set, is called after every attempt to reload changed
+	// certificate or key files: with the new leaf certificate, or with the
+	// error that kept the old one in use. It is called without the Store's
+	// lock held, from the handshake that noticed the change.
+	OnReload func(leaf *x509.Certificate, err error)
 }
 
 // Store holds a host's loaded certificate and CA, and builds the TLS
@@ -105,32 +111,56 @@ func (s *Store) Err() error {
 // current returns the certificate to present and its generation,
 // reloading it first if the files changed and the check is due.
 func (s *Store) current() (*tls.Certificate, uint64) {
+	cert, gen, tried, err := s.reload()
+	if tried && s.cfg.OnReload != nil {
+		if err != nil {
+			s.cfg.OnReload(nil, err)
+		} else {
+			s.cfg.OnReload(cert.Leaf, nil)
+		}
+	}
+	return cert, gen
+}
+
+// reload is current under the lock; tried reports whether changed files
+// were loaded, and err why they were not used.
+func (s *Store) reload() (cert *tls.Certificate, gen uint64, tried bool, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := time.Now()
 	if now.Sub(s.checked) < s.interval {
-		return s.cert, s.gen
+		return s.cert, s.gen, false, nil
 	}
 	s.checked = now
 	stamps, err := statPair(s.cfg.CertFile, s.cfg.KeyFile)
 	if err != nil {
-		s.err = fmt.Errorf("reload: %w", err)
-		return s.cert, s.gen
+		// Reported once, not at every check while a file stays missing.
+		err = fmt.Errorf("reload: %w", err)
+		tried = s.err == nil || s.err.Error() != err.Error()
+		s.err = err
+		return s.cert, s.gen, tried, err
 	}
 	if sameFile(stamps[0], s.stamps[0]) && sameFile(stamps[1], s.stamps[1]) {
-		return s.cert, s.gen
+		return s.cert, s.gen, false, nil
 	}
 	// Remember the new stamps even if loading fails, so a broken pair is
 	// tried again only when the files change again.
 	s.stamps = stamps
-	cert, err := loadPair(s.cfg.CertFile, s.cfg.KeyFile)
+	cert, err = loadPair(s.cfg.CertFile, s.cfg.KeyFile)
 	if err != nil {
 		s.err = fmt.Errorf("reload: %w", err)
-		return s.cert, s.gen
+		return s.cert, s.gen, true, s.err
 	}
 	s.cert, s.err = cert, nil
 	s.gen++
-	return s.cert, s.gen
+	return s.cert, s.gen, true, nil
+}
+
+// Leaf returns the certificate the Store presents now, as last loaded.
+func (s *Store) Leaf() *x509.Certificate {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.cert.Leaf
 }
 
 // generation returns the current certificate generation, reloading first

@@ -1,10 +1,12 @@
 package tunnel
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"time"
 )
 
@@ -72,7 +74,8 @@ type Config struct {
 	// of it apart, and sent data unacknowledged for three times it ends the
 	// connection (TCP_USER_TIMEOUT).
 	IdleTimeout time.Duration
-	// Logger receives one line per refused stream; nil discards.
+	// Logger receives one line per refused stream and, at debug level, one
+	// per handshake naming the certificate the peer presented; nil discards.
 	Logger *slog.Logger
 	// OnRefused, when set, is called once for every incoming stream refused by
 	// this package (malformed, timed out, unauthorized) before the owner sees it.
@@ -127,6 +130,23 @@ func (c *Config) withDefaults() (*Config, error) {
 		out.OnHandshake = func(Transport, string, time.Duration) {}
 	}
 	return &out, nil
+}
+
+// logHandshake logs, at debug level, a handshake that succeeded and the
+// certificate the peer presented (or presented when the resumed session
+// was made), so an operator can see a rotated certificate take effect.
+func (c *Config) logHandshake(t Transport, direction string, remote net.Addr, cs tls.ConnectionState) {
+	if !c.Logger.Enabled(context.Background(), slog.LevelDebug) {
+		return
+	}
+	attrs := []slog.Attr{slog.String("transport", string(t)), slog.String("direction", direction),
+		slog.String("remote", remote.String()), slog.String("peer", peerName(cs)), slog.Bool("resumed", cs.DidResume)}
+	if len(cs.PeerCertificates) > 0 {
+		leaf := cs.PeerCertificates[0]
+		attrs = append(attrs, slog.String("peer_serial", leaf.SerialNumber.Text(16)),
+			slog.Time("peer_not_after", leaf.NotAfter.UTC()))
+	}
+	c.Logger.LogAttrs(context.Background(), slog.LevelDebug, "tunnel handshake", attrs...)
 }
 
 // nextProtos returns the ALPN protocols to offer or accept, most preferred

@@ -130,6 +130,7 @@ func (d *Dialer) handshake(ctx context.Context, c net.Conn, addr string) (*tls.C
 		return nil, fmt.Errorf("tls handshake with %s: %w", addr, err)
 	}
 	d.cfg.OnHandshake(TLS, "out", time.Since(start))
+	d.cfg.logHandshake(TLS, "out", c.RemoteAddr(), tc.ConnectionState())
 	switch p := tc.ConnectionState().NegotiatedProtocol; {
 	case p == ALPN:
 		pc.bounded = false // no bulk record layer: let crypto/tls read ahead
@@ -380,6 +381,7 @@ func (d *Dialer) dialQUIC(ctx context.Context, tr *quic.Transport, addr string) 
 		return nil, fmt.Errorf("quic handshake with %s: %w", addr, err)
 	}
 	d.cfg.OnHandshake(QUIC, "out", time.Since(start))
+	d.cfg.logHandshake(QUIC, "out", conn.RemoteAddr(), conn.ConnectionState().TLS)
 	return conn, nil
 }
 

@@ -282,6 +282,7 @@ func (l *Listener) handshakeTLS(pc *tcpConn) (*Incoming, error) {
 	}
 	l.cfg.OnHandshake(TLS, "in", time.Since(start))
 	cs := tc.ConnectionState()
+	l.cfg.logHandshake(TLS, "in", pc.RemoteAddr(), cs)
 	peer := peerName(cs)
 	var buf [MaxHeaderLen]byte
 	h, _, err := readHeader(tc, &buf)
@@ -353,7 +354,9 @@ func (l *Listener) acceptQUIC() {
 // serveQUICConn accepts the streams of one peer connection.
 func (l *Listener) serveQUICConn(conn *quic.Conn) {
 	defer l.wg.Done()
-	peer := peerName(conn.ConnectionState().TLS)
+	cs := conn.ConnectionState().TLS
+	l.cfg.logHandshake(QUIC, "in", conn.RemoteAddr(), cs)
+	peer := peerName(cs)
 	for {
 		qs, err := conn.AcceptStream(l.ctx)
 		if err != nil {

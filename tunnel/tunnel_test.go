@@ -7,8 +7,12 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
+	"log/slog"
+	"math/big"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -429,5 +433,76 @@ func benchOneWay(b *testing.B, near, far Stream) {
 		if err := <-done; err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// lockedBuffer is a log destination shared by goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+// TestHandshakeLogged checks that both ends log, at debug level, each
+// handshake with the name and serial of the certificate the peer presented.
+func TestHandshakeLogged(t *testing.T) {
+	for _, tr := range []Transport{TLS, QUIC} {
+		t.Run(string(tr), func(t *testing.T) {
+			leaktest.Check(t)
+			ca := testpki.NewCA(t)
+			src, dst := ca.NewHost(t, "src"), ca.NewHost(t, "dst")
+			var srcLog, dstLog lockedBuffer
+			logger := func(w io.Writer) *slog.Logger {
+				return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
+			}
+			ln, err := Listen("127.0.0.1:0", &Config{Transport: tr, ServerTLS: dst.Server, ClientTLS: dst.Client, Logger: logger(&dstLog)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			d, err := NewDialer(&Config{Transport: tr, ServerTLS: src.Server, ClientTLS: src.Client, Logger: logger(&srcLog)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			p := &pair{ln: ln, d: d, addr: ln.Addr().String()}
+			p.serve(t, func(in *Incoming) {
+				if s, err := in.Accept(); err == nil {
+					s.Close()
+				}
+			})
+			s, err := d.Open(context.Background(), p.addr, Header{Kind: KindData, Channel: "main"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			s.Close()
+			for _, c := range []struct {
+				log       *lockedBuffer
+				dir, peer string
+				serial    *big.Int
+			}{{&dstLog, "in", "src", src.Leaf().SerialNumber}, {&srcLog, "out", "dst", dst.Leaf().SerialNumber}} {
+				want := fmt.Sprintf(`msg="tunnel handshake" transport=%s direction=%s`, tr, c.dir)
+				line := ""
+				for l := range strings.Lines(c.log.String()) {
+					if strings.Contains(l, want) {
+						line = l
+					}
+				}
+				if !strings.Contains(line, " peer="+c.peer+" ") || !strings.Contains(line, " peer_serial="+c.serial.Text(16)+" ") {
+					t.Errorf("want a line with %s peer=%s peer_serial=%s; log:\n%s", want, c.peer, c.serial.Text(16), c.log.String())
+				}
+			}
+		})
 	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -91,10 +92,18 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	store, err := certs.Load(certs.Config{CertFile: *certFile, KeyFile: *keyFile, CAFile: *caFile, AllowedPeers: allowPeers})
+	store, err := certs.Load(certs.Config{CertFile: *certFile, KeyFile: *keyFile, CAFile: *caFile, AllowedPeers: allowPeers,
+		OnReload: func(leaf *x509.Certificate, err error) {
+			if err != nil {
+				log.Warn("certificate not reloaded: new connections still present the previous one", "err", err.Error())
+				return
+			}
+			log.Info("certificate reloaded: new connections present it", certAttrs(leaf)...)
+		}})
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
+	log.Info("certificate loaded", certAttrs(store.Leaf())...)
 	var vmc proxy.VMController
 	if len(vms) > 0 {
 		vmc = migrate.NewController(vms, log)
@@ -189,6 +198,15 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	}
 	log.Info("stopped")
 	return nil
+}
+
+// certAttrs describes a certificate in log lines.
+func certAttrs(c *x509.Certificate) []any {
+	if c == nil {
+		return nil
+	}
+	return []any{"subject", c.Subject.CommonName, "serial", c.SerialNumber.Text(16),
+		"not_after", c.NotAfter.UTC().Format(time.RFC3339)}
 }
 
 func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {

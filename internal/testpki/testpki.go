@@ -108,3 +108,15 @@ func (h *Host) Client(serverName string) *tls.Config {
 		ClientSessionCache: h.cache,
 	}
 }
+
+// Leaf returns the host's certificate.
+func (h *Host) Leaf() *x509.Certificate {
+	if h.cert.Leaf != nil {
+		return h.cert.Leaf
+	}
+	leaf, err := x509.ParseCertificate(h.cert.Certificate[0])
+	if err != nil {
+		panic(err) // issued by this package: cannot be malformed
+	}
+	return leaf
+}
