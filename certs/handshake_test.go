@@ -340,3 +340,40 @@ func TestReloadReported(t *testing.T) {
 		t.Fatalf("after the repair: reports %+v, want one more for server2", reports)
 	}
 }
+
+func TestRefresh(t *testing.T) {
+	dir := newCA(t)
+	server := newHost(t, dir, "server", nil)
+	server.interval = 0
+	reloaded := ""
+	server.cfg.OnReload = func(leaf *x509.Certificate, err error) {
+		if err == nil {
+			reloaded = leaf.Subject.CommonName
+		}
+	}
+	replace(t, dir, "server", "server2", nil)
+	if err := server.Refresh(); err != nil || reloaded != "server2" || server.Leaf().Subject.CommonName != "server2" {
+		t.Fatalf("Refresh: %v; reported %q, leaf %q; want server2 without a handshake", err, reloaded, server.Leaf().Subject.CommonName)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "server.key"), []byte("garbage"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := server.Refresh(); err == nil || server.Leaf().Subject.CommonName != "server2" {
+		t.Fatalf("Refresh with a broken key: %v, leaf %q; want an error and server2 kept", err, server.Leaf().Subject.CommonName)
+	}
+}
+
+func TestWrongServerNameRefused(t *testing.T) {
+	dir := newCA(t)
+	server := newHost(t, dir, "server", []string{"srv.example", "192.0.2.1"})
+	client := newHost(t, dir, "client", nil)
+	for _, name := range []string{"other.example", "192.0.2.2"} {
+		_, c := dial(t, server.ServerConfig(alpn), client.ClientConfig(name+":4443", alpn))
+		var wrong x509.HostnameError
+		if !errors.As(c.err, &wrong) {
+			t.Errorf("dialing %s: %v, want x509.HostnameError", name, c.err)
+			continue
+		}
+		t.Logf("dialing %s: %v", name, c.err)
+	}
+}

@@ -156,6 +156,15 @@ func (s *Store) reload() (cert *tls.Certificate, gen uint64, tried bool, err err
 	return s.cert, s.gen, true, nil
 }
 
+// Refresh looks at the certificate and key files now, as each handshake
+// does (at most once per reload interval), reloads them if they changed,
+// and returns Err. Calling it on a timer makes a replacement take effect,
+// and be reported to Config.OnReload, even while no handshake happens.
+func (s *Store) Refresh() error {
+	s.current()
+	return s.Err()
+}
+
 // Leaf returns the certificate the Store presents now, as last loaded.
 func (s *Store) Leaf() *x509.Certificate {
 	s.mu.Lock()

@@ -61,6 +61,13 @@ func testMigration(t *testing.T, transport string, multifd int, ram, disk int64,
 	src := startServe(t, ca, "src", wrap("src"), append([]string{"--transport", transport,
 		"--forward", "unix:" + fwdMain + "=" + dst.Addr + "/main",
 		"--forward", "unix:" + fwdNBD + "=" + dst.Addr + "/nbd"}, extra...)...)
+	if transport == "plain" {
+		for _, p := range []string{src.LogPath, dst.LogPath} {
+			if !logHas(p, "level=WARN", "plaintext allowed") {
+				t.Errorf("%s: no warning at start that plaintext is allowed", p)
+			}
+		}
+	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()

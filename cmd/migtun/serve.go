@@ -12,6 +12,7 @@ import (
 	"os/signal"
 	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -142,6 +143,23 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	// Replaced certificate files are picked up within about a second, and
+	// logged, even while no handshake looks at them.
+	var watch sync.WaitGroup
+	watch.Go(func() {
+		tick := time.NewTicker(time.Second)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				store.Refresh()
+			}
+		}
+	})
+	defer watch.Wait()
+	defer stop() // ends the watch on every return
 	if err := srv.Start(); err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
