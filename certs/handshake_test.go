@@ -355,7 +355,22 @@ func TestRefresh(t *testing.T) {
 	if err := server.Refresh(); err != nil || reloaded != "server2" || server.Leaf().Subject.CommonName != "server2" {
 		t.Fatalf("Refresh: %v; reported %q, leaf %q; want server2 without a handshake", err, reloaded, server.Leaf().Subject.CommonName)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "server.key"), []byte("garbage"), 0o600); err != nil {
+	// A key moved away and back unchanged: an error while it is away, none
+	// once it is back, and nothing to reload.
+	keyPath := filepath.Join(dir, "server.key")
+	if err := os.Rename(keyPath, keyPath+".away"); err != nil {
+		t.Fatal(err)
+	}
+	if err := server.Refresh(); err == nil {
+		t.Fatal("Refresh with the key file missing: no error")
+	}
+	if err := os.Rename(keyPath+".away", keyPath); err != nil {
+		t.Fatal(err)
+	}
+	if err := server.Refresh(); err != nil {
+		t.Fatalf("Refresh with the key file back: %v", err)
+	}
+	if err := os.WriteFile(keyPath, []byte("garbage"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if err := server.Refresh(); err == nil || server.Leaf().Subject.CommonName != "server2" {

@@ -55,7 +55,8 @@ type Store struct {
 	gen     uint64 // incremented on every successful reload
 	stamps  [2]fs.FileInfo
 	checked time.Time
-	err     error
+	statErr error // the files could not be looked at, at the last check
+	loadErr error // the changed files last seen could not be loaded
 }
 
 // Load reads the CA, certificate and key named by cfg. Its errors name the
@@ -100,12 +101,16 @@ func Load(cfg Config) (*Store, error) {
 	return s, nil
 }
 
-// Err returns the error from the last attempt to reload the certificate,
-// or nil if it succeeded or none was needed.
+// Err returns what keeps the files from being the ones presented: a file
+// that could not be looked at, at the last check, or a replaced pair that
+// could not be loaded. It is nil while the files in place are presented.
 func (s *Store) Err() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.err
+	if s.statErr != nil {
+		return s.statErr
+	}
+	return s.loadErr
 }
 
 // current returns the certificate to present and its generation,
@@ -136,10 +141,11 @@ func (s *Store) reload() (cert *tls.Certificate, gen uint64, tried bool, err err
 	if err != nil {
 		// Reported once, not at every check while a file stays missing.
 		err = fmt.Errorf("reload: %w", err)
-		tried = s.err == nil || s.err.Error() != err.Error()
-		s.err = err
+		tried = s.statErr == nil || s.statErr.Error() != err.Error()
+		s.statErr = err
 		return s.cert, s.gen, tried, err
 	}
+	s.statErr = nil
 	if sameFile(stamps[0], s.stamps[0]) && sameFile(stamps[1], s.stamps[1]) {
 		return s.cert, s.gen, false, nil
 	}
@@ -148,10 +154,10 @@ func (s *Store) reload() (cert *tls.Certificate, gen uint64, tried bool, err err
 	s.stamps = stamps
 	cert, err = loadPair(s.cfg.CertFile, s.cfg.KeyFile)
 	if err != nil {
-		s.err = fmt.Errorf("reload: %w", err)
-		return s.cert, s.gen, true, s.err
+		s.loadErr = fmt.Errorf("reload: %w", err)
+		return s.cert, s.gen, true, s.loadErr
 	}
-	s.cert, s.err = cert, nil
+	s.cert, s.loadErr = cert, nil
 	s.gen++
 	return s.cert, s.gen, true, nil
 }

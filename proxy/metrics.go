@@ -125,6 +125,10 @@ var (
 		"Bytes of a disk the mirror has copied, by session and disk node.", []string{"session", "disk"}, nil)
 	descMirrorTotal = prometheus.NewDesc(metricsNamespace+"_migration_mirror_total_bytes",
 		"Bytes of a disk the mirror has to copy, by session and disk node.", []string{"session", "disk"}, nil)
+	descCertExpiry = prometheus.NewDesc(metricsNamespace+"_certificate_expiry_timestamp_seconds",
+		"When the certificate this host presents expires, as Unix time.", nil, nil)
+	descCertReloadFailed = prometheus.NewDesc(metricsNamespace+"_certificate_reload_failed",
+		"1 if the certificate or key files were replaced by ones that could not be loaded (the previous pair is still presented), else 0.", nil, nil)
 )
 
 // stateCollector reads byte counts and open streams and sessions from the
@@ -133,7 +137,8 @@ type stateCollector struct{ s *Server }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descBytes, descActive, descSessions, descSessionBytes, descSessionRate,
-		descRAMRemaining, descRAMTransferred, descDirtyRate, descMirrorDone, descMirrorTotal} {
+		descRAMRemaining, descRAMTransferred, descDirtyRate, descMirrorDone, descMirrorTotal,
+		descCertExpiry, descCertReloadFailed} {
 		ch <- d
 	}
 }
@@ -167,6 +172,17 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(b[0]), channel, "forward")
 		ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(b[1]), channel, "return")
 		ch <- prometheus.MustNewConstMetric(descActive, prometheus.GaugeValue, active[channel], channel)
+	}
+	if s.cfg.Certificate != nil {
+		leaf, err := s.cfg.Certificate()
+		failed := 0.0
+		if err != nil {
+			failed = 1
+		}
+		ch <- prometheus.MustNewConstMetric(descCertReloadFailed, prometheus.GaugeValue, failed)
+		if leaf != nil {
+			ch <- prometheus.MustNewConstMetric(descCertExpiry, prometheus.GaugeValue, float64(leaf.NotAfter.Unix()))
+		}
 	}
 	open := s.sessions.all()
 	ch <- prometheus.MustNewConstMetric(descSessions, prometheus.GaugeValue, float64(len(open)))

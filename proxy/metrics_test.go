@@ -2,6 +2,9 @@ package proxy
 
 import (
 	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http/httptest"
@@ -218,4 +221,43 @@ func grep(body, s string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestMetricsCertificate checks the certificate's expiry and reload state
+// as the metrics export them.
+func TestMetricsCertificate(t *testing.T) {
+	leaktest.Check(t)
+	ca := testpki.NewCA(t)
+	h := ca.NewHost(t, "host")
+	var reloadErr error
+	s, err := New(Config{Listen: "127.0.0.1:0", Tunnel: &tunnel.Config{ServerTLS: h.Server, ClientTLS: h.Client},
+		SocketDir: t.TempDir(), Certificate: func() (*x509.Certificate, error) { return h.Leaf(), reloadErr }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	expiry := h.Leaf().NotAfter.Unix()
+	for _, failed := range []int{0, 1} {
+		if failed == 1 {
+			reloadErr = errors.New("reload: key file: no such file")
+		}
+		want := fmt.Sprintf(`# HELP migtun_certificate_expiry_timestamp_seconds When the certificate this host presents expires, as Unix time.
+# TYPE migtun_certificate_expiry_timestamp_seconds gauge
+migtun_certificate_expiry_timestamp_seconds %d
+# HELP migtun_certificate_reload_failed 1 if the certificate or key files were replaced by ones that could not be loaded (the previous pair is still presented), else 0.
+# TYPE migtun_certificate_reload_failed gauge
+migtun_certificate_reload_failed %d
+`, expiry, failed)
+		if err := testutil.GatherAndCompare(s.metrics.reg, strings.NewReader(want),
+			"migtun_certificate_expiry_timestamp_seconds", "migtun_certificate_reload_failed"); err != nil {
+			t.Errorf("reload failed %d: %v", failed, err)
+		}
+	}
+	problems, err := testutil.GatherAndLint(s.metrics.reg, "migtun_certificate_expiry_timestamp_seconds", "migtun_certificate_reload_failed")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range problems {
+		t.Errorf("metric %s: %s", p.Metric, p.Text)
+	}
 }

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -50,6 +51,10 @@ type Config struct {
 	// VMs drives the VMs this host registered (serve --qmp), for peers'
 	// vm-prepare, vm-finish, vm-recover and vm-abort requests; nil: none.
 	VMs VMController
+	// Certificate, when set, returns the certificate this host presents
+	// and the error of its last failed reload (nil if none), for the
+	// metrics: its expiry, and whether replaced files were refused.
+	Certificate func() (*x509.Certificate, error)
 }
 
 // Defaults of the session settings.

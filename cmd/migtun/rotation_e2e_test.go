@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -66,7 +67,8 @@ func testCertRotation(t *testing.T, transport string) {
 		}
 	}()
 
-	dst := startRel(t, ca, "dst", "127.0.0.1:0", nil, "--transport", transport, "--route", "main=unix:"+dstIn)
+	dst := startRel(t, ca, "dst", "127.0.0.1:0", nil, "--transport", transport, "--route", "main=unix:"+dstIn,
+		"--metrics-listen", "127.0.0.1:0")
 	src := startRel(t, ca, "src", "127.0.0.1:0", nil, "--transport", transport,
 		"--forward", "unix:"+fwd+"="+dst.Addr+"/main", "--forward", "unix:"+lateFwd+"="+lateAddr+"/main")
 
@@ -138,7 +140,9 @@ func testCertRotation(t *testing.T, transport string) {
 	for longWritten.Load() < 16<<20 {
 		time.Sleep(20 * time.Millisecond)
 	}
-	dstSerial, srcSerial := rotateCert(t, ca, "dst"), rotateCert(t, ca, "src")
+	dstLeaf, srcLeaf := rotateCert(t, ca, "dst"), rotateCert(t, ca, "src")
+	// Serials as migtun logs them.
+	dstSerial, srcSerial := dstLeaf.SerialNumber.Text(16), srcLeaf.SerialNumber.Text(16)
 	rotated.Store(true)
 	rotatedAt := time.Now()
 	t.Logf("rotated both certificates with %s of the long stream written: dst serial %s, src serial %s",
@@ -157,6 +161,17 @@ func testCertRotation(t *testing.T, transport string) {
 			time.Sleep(100 * time.Millisecond)
 		}
 		t.Logf("%s logged the reload %v after the rotation", h.name, time.Since(rotatedAt).Round(time.Millisecond))
+	}
+
+	// The metrics show the new certificate's expiry.
+	metrics := scrapeMetrics(t, dst.LogPath)
+	for _, series := range []string{
+		fmt.Sprintf("migtun_certificate_expiry_timestamp_seconds %d\n", dstLeaf.NotAfter.Unix()),
+		"migtun_certificate_reload_failed 0\n",
+	} {
+		if !strings.Contains(metrics, series) {
+			t.Errorf("destination metrics after the reload lack %q:\n%s", series, grepLines(metrics, "migtun_certificate"))
+		}
 	}
 
 	// Once reloaded, the destination presents its new certificate to a new
@@ -278,8 +293,8 @@ func freePort(t *testing.T, transport string) string {
 
 // rotateCert issues a new certificate and key for host with the same CA
 // and names, moves them over the files migtun serve uses (the key first),
-// and returns the new certificate's serial as migtun logs it.
-func rotateCert(t *testing.T, caDir, host string) string {
+// and returns the new certificate.
+func rotateCert(t *testing.T, caDir, host string) *x509.Certificate {
 	t.Helper()
 	staging := filepath.Join(filepath.Dir(caDir), "staging-"+host)
 	if err := os.MkdirAll(staging, 0o700); err != nil {
@@ -314,7 +329,7 @@ func rotateCert(t *testing.T, caDir, host string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return leaf.SerialNumber.Text(16)
+	return leaf
 }
 
 // probeServerSerial makes a new connection to a migtun port as the source
@@ -374,3 +389,35 @@ func findLogLine(path string, parts ...string) string {
 
 // logHas reports whether a line of the log at path holds all of parts.
 func logHas(path string, parts ...string) bool { return findLogLine(path, parts...) != "" }
+
+// scrapeMetrics fetches /metrics from the address a migtun serve logged
+// for --metrics-listen.
+func scrapeMetrics(t *testing.T, logPath string) string {
+	t.Helper()
+	line := findLogLine(logPath, `msg="serving metrics"`)
+	_, url, ok := strings.Cut(line, "addr=")
+	if !ok {
+		t.Fatalf("no metrics address in the log (%q)", line)
+	}
+	resp, err := http.Get(strings.Fields(url)[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// grepLines returns the lines of s that contain sub.
+func grepLines(s, sub string) string {
+	var out []string
+	for line := range strings.Lines(s) {
+		if strings.Contains(line, sub) {
+			out = append(out, strings.TrimRight(line, "\n"))
+		}
+	}
+	return strings.Join(out, "\n")
+}

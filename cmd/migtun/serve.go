@@ -137,6 +137,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		FinishGrace:       *finishGrace,
 		Logger:            log,
 		VMs:               vmc,
+		Certificate:       func() (*x509.Certificate, error) { return store.Leaf(), store.Err() },
 	})
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
