@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -165,12 +166,12 @@ func testCertRotation(t *testing.T, transport string) {
 
 	// The metrics show the new certificate's expiry.
 	metrics := scrapeMetrics(t, dst.LogPath)
-	for _, series := range []string{
-		fmt.Sprintf("migtun_certificate_expiry_timestamp_seconds %d\n", dstLeaf.NotAfter.Unix()),
-		"migtun_certificate_reload_failed 0\n",
+	for name, want := range map[string]float64{
+		"migtun_certificate_expiry_timestamp_seconds": float64(dstLeaf.NotAfter.Unix()),
+		"migtun_certificate_reload_failed":            0,
 	} {
-		if !strings.Contains(metrics, series) {
-			t.Errorf("destination metrics after the reload lack %q:\n%s", series, grepLines(metrics, "migtun_certificate"))
+		if got, ok := metricValue(metrics, name); !ok || got != want {
+			t.Errorf("destination metrics after the reload: %s is %v (found %v), want %v:\n%s", name, got, ok, want, grepLines(metrics, "migtun_certificate"))
 		}
 	}
 
@@ -420,4 +421,18 @@ func grepLines(s, sub string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// metricValue returns the value of the unlabelled series name in a text
+// exposition.
+func metricValue(exposition, name string) (float64, bool) {
+	for line := range strings.Lines(exposition) {
+		v, ok := strings.CutPrefix(strings.TrimSpace(line), name+" ")
+		if !ok {
+			continue
+		}
+		f, err := strconv.ParseFloat(v, 64)
+		return f, err == nil
+	}
+	return 0, false
 }
