@@ -10,30 +10,50 @@ import (
 func FuzzReadMessage(f *testing.F) {
 	var buf bytes.Buffer
 	writeMessage(&buf, controlRequest{Op: opPrepare, Channels: []string{"main", "nbd"}})
-	f.Add(buf.Bytes())
+	f.Add(bytes.Clone(buf.Bytes()))
 	buf.Reset()
 	writeMessage(&buf, controlResponse{Channels: []ChannelInfo{{Name: "main", Streams: 5, BytesForward: 1 << 30}}})
-	f.Add(buf.Bytes())
+	f.Add(bytes.Clone(buf.Bytes()))
+	for _, req := range []controlRequest{
+		{Op: opVMPrepare, Session: "0123456789abcdef0123456789abcdef", Token: "t", VM: "vm1", Prepare: &VMPrepare{
+			Disks: []VMDisk{{Node: "disk0"}}, Capabilities: map[string]bool{"multifd": true, "postcopy-ram": true}, MultifdChannels: 4}},
+		{Op: opVMFinish, Session: "0123456789abcdef0123456789abcdef", VM: "vm1", Resume: true},
+		{Op: opVMRecover, Session: "0123456789abcdef0123456789abcdef", VM: "vm1"},
+		{Op: opVMAbort, Session: "0123456789abcdef0123456789abcdef", VM: "vm1", Reason: "cancelled"},
+	} {
+		buf.Reset()
+		writeMessage(&buf, req)
+		f.Add(bytes.Clone(buf.Bytes()))
+	}
 	f.Add([]byte{0xff, 0xff, 0xff, 0xff})
 	f.Add(binary.BigEndian.AppendUint32(nil, 2))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		var req controlRequest
-		err := readMessage(bytes.NewReader(data), &req)
-		if err != nil {
-			if !errors.Is(err, errBadControl) {
-				t.Fatalf("error %v does not wrap errBadControl", err)
-			}
-			return
-		}
-		var out bytes.Buffer
-		if err := writeMessage(&out, req); err != nil {
-			t.Fatalf("a decoded request does not encode: %v", err)
-		}
-		var again controlRequest
-		if err := readMessage(&out, &again); err != nil {
-			t.Fatalf("re-reading: %v", err)
-		}
+		// The destination decodes requests, the source responses.
+		roundTrip[controlRequest](t, data)
+		roundTrip[controlResponse](t, data)
 	})
+}
+
+// roundTrip decodes data as a control message of type M, and checks that
+// a failure wraps errBadControl and that a decoded message encodes and
+// decodes again.
+func roundTrip[M any](t *testing.T, data []byte) {
+	var m M
+	err := readMessage(bytes.NewReader(data), &m)
+	if err != nil {
+		if !errors.Is(err, errBadControl) {
+			t.Fatalf("%T: error %v does not wrap errBadControl", m, err)
+		}
+		return
+	}
+	var out bytes.Buffer
+	if err := writeMessage(&out, m); err != nil {
+		t.Fatalf("a decoded %T does not encode: %v", m, err)
+	}
+	var again M
+	if err := readMessage(&out, &again); err != nil {
+		t.Fatalf("re-reading a %T: %v", m, err)
+	}
 }
 
 func TestReadMessageLimits(t *testing.T) {
