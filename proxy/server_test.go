@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/migtun/migtun/internal/leaktest"
+	"github.com/migtun/migtun/internal/testlog"
 	"github.com/migtun/migtun/internal/testpki"
 	"github.com/migtun/migtun/proxy"
 	"github.com/migtun/migtun/tunnel"
@@ -50,34 +51,17 @@ func TestServer(t *testing.T) {
 	}
 }
 
-// logBuffer collects a server's text logs; it is safe for concurrent use.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
+// logBuffer is a server's text log.
+type logBuffer struct{ testlog.Buffer }
 
 // line returns the first log line holding every fragment, or fails.
 func (l *logBuffer) line(t *testing.T, fragments ...string) string {
 	t.Helper()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-next:
-	for line := range strings.Lines(l.b.String()) {
-		for _, f := range fragments {
-			if !strings.Contains(line, f) {
-				continue next
-			}
-		}
-		return line
+	line := l.Line(fragments...)
+	if line == "" {
+		t.Fatalf("no log line mentions all of %q; log:\n%s", fragments, l.String())
 	}
-	t.Fatalf("no log line mentions all of %q; log:\n%s", fragments, l.b.String())
-	return ""
+	return line
 }
 
 // sockDir returns a fresh directory with a short path, as UNIX socket

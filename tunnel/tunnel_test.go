@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"math/big"
 	"net"
 	"strings"
@@ -19,6 +18,7 @@ import (
 	"time"
 
 	"github.com/migtun/migtun/internal/leaktest"
+	"github.com/migtun/migtun/internal/testlog"
 	"github.com/migtun/migtun/internal/testpki"
 )
 
@@ -436,24 +436,6 @@ func benchOneWay(b *testing.B, near, far Stream) {
 	}
 }
 
-// lockedBuffer is a log destination shared by goroutines.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
 // TestHandshakeLogged checks that both ends log, at debug level, each
 // handshake with the name and serial of the certificate the peer presented.
 func TestHandshakeLogged(t *testing.T) {
@@ -462,16 +444,13 @@ func TestHandshakeLogged(t *testing.T) {
 			leaktest.Check(t)
 			ca := testpki.NewCA(t)
 			src, dst := ca.NewHost(t, "src"), ca.NewHost(t, "dst")
-			var srcLog, dstLog lockedBuffer
-			logger := func(w io.Writer) *slog.Logger {
-				return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
-			}
-			ln, err := Listen("127.0.0.1:0", &Config{Transport: tr, ServerTLS: dst.Server, ClientTLS: dst.Client, Logger: logger(&dstLog)})
+			var srcLog, dstLog testlog.Buffer
+			ln, err := Listen("127.0.0.1:0", &Config{Transport: tr, ServerTLS: dst.Server, ClientTLS: dst.Client, Logger: dstLog.Logger()})
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer ln.Close()
-			d, err := NewDialer(&Config{Transport: tr, ServerTLS: src.Server, ClientTLS: src.Client, Logger: logger(&srcLog)})
+			d, err := NewDialer(&Config{Transport: tr, ServerTLS: src.Server, ClientTLS: src.Client, Logger: srcLog.Logger()})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -488,17 +467,12 @@ func TestHandshakeLogged(t *testing.T) {
 			}
 			s.Close()
 			for _, c := range []struct {
-				log       *lockedBuffer
+				log       *testlog.Buffer
 				dir, peer string
 				serial    *big.Int
 			}{{&dstLog, "in", "src", src.Leaf().SerialNumber}, {&srcLog, "out", "dst", dst.Leaf().SerialNumber}} {
 				want := fmt.Sprintf(`msg="tunnel handshake" transport=%s direction=%s`, tr, c.dir)
-				line := ""
-				for l := range strings.Lines(c.log.String()) {
-					if strings.Contains(l, want) {
-						line = l
-					}
-				}
+				line := c.log.Line(want)
 				if !strings.Contains(line, " peer="+c.peer+" ") || !strings.Contains(line, " peer_serial="+c.serial.Text(16)+" ") {
 					t.Errorf("want a line with %s peer=%s peer_serial=%s; log:\n%s", want, c.peer, c.serial.Text(16), c.log.String())
 				}

@@ -58,7 +58,7 @@ func TestImportsPointOneWay(t *testing.T) {
 			// internal/vmtest, as the end-to-end tests do.
 			harness := rel == "bench" && dep == "internal/vmtest"
 			if strings.HasPrefix(dep, "internal/") && !strings.HasPrefix(rel, "internal/") && !strings.HasPrefix(rel, "cmd/") &&
-				dep != "internal/leaktest" && dep != "internal/testpki" && !harness {
+				dep != "internal/leaktest" && dep != "internal/testpki" && dep != "internal/testlog" && !harness {
 				t.Errorf("%s imports %s: library packages use only test helpers from internal/", rel, dep)
 			}
 		}
