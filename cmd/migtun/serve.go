@@ -32,9 +32,9 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("serve", serveSynopsis, stderr)
 	listen := fs.String("listen", "", "host:port of the tunnel port (TCP for tls and plain, UDP for quic)")
 	transport := fs.String("transport", "tls", "how streams cross to peers: tls, quic or plain")
-	certFile := fs.String("cert", "", "this host's certificate (PEM)")
+	certFile := fs.String("cert", "", "this host's certificate (PEM); replacing it and --key takes effect within a second, for new connections")
 	keyFile := fs.String("key", "", "this host's private key (PEM)")
-	caFile := fs.String("ca", "", "the CA certificate peers must be signed by (PEM)")
+	caFile := fs.String("ca", "", "the CA certificate peers must be signed by (PEM); read once, at start")
 	var routes []proxy.Route
 	fs.Func("route", "deliver incoming streams of CHANNEL to a local socket: CHANNEL=unix:PATH, CHANNEL=tcp:HOST:PORT, or CHANNEL=session for a socket named after each session in --socket-dir (repeatable)", func(s string) error {
 		r, err := proxy.ParseRoute(s)
