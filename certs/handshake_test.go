@@ -264,6 +264,7 @@ func TestReloadFailureKeepsOld(t *testing.T) {
 	if PeerName(cs) != "server" {
 		t.Errorf("client sees %q", PeerName(cs))
 	}
+	server.Refresh() // the second sight of the broken pair, if the handshake had only one
 	if server.Err() == nil {
 		t.Fatal("Err is nil after a broken reload")
 	}
@@ -327,7 +328,13 @@ func TestReloadReported(t *testing.T) {
 	if err := os.WriteFile(keyPath, []byte("garbage"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	dialServer()
+	// A broken pair may be half-way through a replacement at its first
+	// sight: it is reported at the second.
+	server.Refresh()
+	if len(reports) != 2 {
+		t.Fatalf("a broken key at its first sight: reports %+v, want no new one", reports)
+	}
+	server.Refresh()
 	if len(reports) != 3 || reports[2].err == nil {
 		t.Fatalf("with a broken key: reports %+v, want one more, with the error", reports)
 	}
@@ -373,8 +380,74 @@ func TestRefresh(t *testing.T) {
 	if err := os.WriteFile(keyPath, []byte("garbage"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	if err := server.Refresh(); err != nil {
+		t.Fatalf("Refresh at the first sight of a broken key: %v; want it looked at again first", err)
+	}
 	if err := server.Refresh(); err == nil || server.Leaf().Subject.CommonName != "server2" {
 		t.Fatalf("Refresh with a broken key: %v, leaf %q; want an error and server2 kept", err, server.Leaf().Subject.CommonName)
+	}
+}
+
+// TestReloadRefusesUnusable checks that replaced files peers would refuse
+// (another CA, expired) are not presented, and that a key replaced before
+// its certificate is not reported as a failure.
+func TestReloadRefusesUnusable(t *testing.T) {
+	dir, other := newCA(t), newCA(t)
+	server := newHost(t, dir, "server", nil)
+	server.interval = 0
+	var failures []error
+	server.cfg.OnReload = func(_ *x509.Certificate, err error) {
+		if err != nil {
+			failures = append(failures, err)
+		}
+	}
+	move := func(fromDir, name, ext string) {
+		t.Helper()
+		if err := os.Rename(filepath.Join(fromDir, name+ext), filepath.Join(dir, "server"+ext)); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// The key first, then the certificate, with a check in between.
+	if err := Issue(dir, "server2", nil); err != nil {
+		t.Fatal(err)
+	}
+	move(dir, "server2", ".key")
+	server.Refresh()
+	move(dir, "server2", ".crt")
+	if err := server.Refresh(); err != nil || server.Leaf().Subject.CommonName != "server2" || len(failures) != 0 {
+		t.Fatalf("key then certificate: %v, leaf %q, failures %v; want server2 and no failure", err, server.Leaf().Subject.CommonName, failures)
+	}
+
+	past := time.Now().Add(-48 * time.Hour)
+	if err := issue(dir, "old", nil, past, past.Add(time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	if err := Issue(other, "stranger", nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		dir, name string
+		want      x509.InvalidReason
+	}{{dir, "old", x509.Expired}, {other, "stranger", -1}} {
+		move(c.dir, c.name, ".crt")
+		move(c.dir, c.name, ".key")
+		server.Refresh()
+		err := server.Refresh()
+		var invalid x509.CertificateInvalidError
+		var unknown x509.UnknownAuthorityError
+		switch {
+		case c.want == x509.Expired && !(errors.As(err, &invalid) && invalid.Reason == x509.Expired),
+			c.want == -1 && !errors.As(err, &unknown):
+			t.Errorf("%s: Refresh: %v, want it refused", c.name, err)
+		}
+		if server.Leaf().Subject.CommonName != "server2" {
+			t.Errorf("%s: presents %q, want server2 kept", c.name, server.Leaf().Subject.CommonName)
+		}
+		t.Logf("%s refused: %v", c.name, err)
+	}
+	if len(failures) != 2 {
+		t.Errorf("failures reported: %v, want two", failures)
 	}
 }
 

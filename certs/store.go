@@ -34,29 +34,37 @@ type Config struct {
 
 	// OnReload, when set, is called after every attempt to reload changed
 	// certificate or key files: with the new leaf certificate, or with the
-	// error that kept the old one in use. It is called without the Store's
-	// lock held, from the handshake that noticed the change.
+	// error that kept the old one in use. It is called from the handshake
+	// or the Refresh that noticed the change, one call at a time and in
+	// the order of the attempts, without the Store's lock held.
 	OnReload func(leaf *x509.Certificate, err error)
 }
 
 // Store holds a host's loaded certificate and CA, and builds the TLS
 // configurations that use them. It reloads the certificate and key when
-// their files change, checking at most once per second during handshakes;
-// if the new pair fails to load it keeps serving the old one and reports
-// the failure through Err. A Store is safe for concurrent use.
+// their files change, looking at them at most once per second during
+// handshakes and whenever Refresh is called. A replacement is used only if
+// the pair matches, chains to the CA and is valid now; otherwise the old
+// pair is kept and the failure reported through Err and Config.OnReload.
+// A pair that fails at its first sight is tried again at the next check
+// before it is reported, as the two files are not replaced at one instant.
+// A Store is safe for concurrent use.
 type Store struct {
 	cfg      Config
 	pool     *x509.CertPool
 	cache    *sessionCache
 	interval time.Duration // minimum time between file checks
 
+	report sync.Mutex // held across a check and its OnReload call
+
 	mu      sync.Mutex
 	cert    *tls.Certificate
 	gen     uint64 // incremented on every successful reload
 	stamps  [2]fs.FileInfo
+	pending [2]fs.FileInfo // a pair that failed once, to be tried again
 	checked time.Time
 	statErr error // the files could not be looked at, at the last check
-	loadErr error // the changed files last seen could not be loaded
+	loadErr error // the changed files last seen could not be used
 }
 
 // Load reads the CA, certificate and key named by cfg. Its errors name the
@@ -115,9 +123,19 @@ func (s *Store) Err() error {
 
 // current returns the certificate to present and its generation,
 // reloading it first if the files changed and the check is due.
-func (s *Store) current() (*tls.Certificate, uint64) {
-	cert, gen, tried, err := s.reload()
-	if tried && s.cfg.OnReload != nil {
+func (s *Store) current() (*tls.Certificate, uint64) { return s.check(false) }
+
+// check looks at the files if the reload interval has passed since the
+// last look, or if force is set, and reloads them if they changed.
+func (s *Store) check(force bool) (*tls.Certificate, uint64) {
+	if s.cfg.OnReload == nil {
+		cert, gen, _, _ := s.reload(force)
+		return cert, gen
+	}
+	s.report.Lock()
+	defer s.report.Unlock()
+	cert, gen, tried, err := s.reload(force)
+	if tried {
 		if err != nil {
 			s.cfg.OnReload(nil, err)
 		} else {
@@ -127,13 +145,13 @@ func (s *Store) current() (*tls.Certificate, uint64) {
 	return cert, gen
 }
 
-// reload is current under the lock; tried reports whether changed files
+// reload is check under the lock; tried reports whether changed files
 // were loaded, and err why they were not used.
-func (s *Store) reload() (cert *tls.Certificate, gen uint64, tried bool, err error) {
+func (s *Store) reload(force bool) (cert *tls.Certificate, gen uint64, tried bool, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := time.Now()
-	if now.Sub(s.checked) < s.interval {
+	if !force && now.Sub(s.checked) < s.interval {
 		return s.cert, s.gen, false, nil
 	}
 	s.checked = now
@@ -146,28 +164,57 @@ func (s *Store) reload() (cert *tls.Certificate, gen uint64, tried bool, err err
 		return s.cert, s.gen, tried, err
 	}
 	s.statErr = nil
-	if sameFile(stamps[0], s.stamps[0]) && sameFile(stamps[1], s.stamps[1]) {
+	if samePair(stamps, s.stamps) {
 		return s.cert, s.gen, false, nil
 	}
-	// Remember the new stamps even if loading fails, so a broken pair is
-	// tried again only when the files change again.
-	s.stamps = stamps
 	cert, err = loadPair(s.cfg.CertFile, s.cfg.KeyFile)
+	if err == nil {
+		err = s.verifyLeaf(cert.Leaf, now)
+	}
+	if again, serr := statPair(s.cfg.CertFile, s.cfg.KeyFile); serr != nil || !samePair(again, stamps) {
+		return s.cert, s.gen, false, nil // replaced while being read: look again next time
+	}
 	if err != nil {
+		if !samePair(stamps, s.pending) {
+			// Perhaps one file of the two is replaced and the other not yet.
+			s.pending = stamps
+			return s.cert, s.gen, false, nil
+		}
+		// Remembered, so a broken pair is tried again only when the files
+		// change again.
+		s.stamps = stamps
 		s.loadErr = fmt.Errorf("reload: %w", err)
 		return s.cert, s.gen, true, s.loadErr
 	}
+	s.stamps, s.pending = stamps, [2]fs.FileInfo{}
 	s.cert, s.loadErr = cert, nil
 	s.gen++
 	return s.cert, s.gen, true, nil
 }
 
-// Refresh looks at the certificate and key files now, as each handshake
-// does (at most once per reload interval), reloads them if they changed,
-// and returns Err. Calling it on a timer makes a replacement take effect,
-// and be reported to Config.OnReload, even while no handshake happens.
+// verifyLeaf checks that a certificate about to be presented chains to the
+// CA and is valid at now, so peers will not refuse it.
+func (s *Store) verifyLeaf(leaf *x509.Certificate, now time.Time) error {
+	_, err := leaf.Verify(x509.VerifyOptions{Roots: s.pool, CurrentTime: now,
+		KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+	if err != nil {
+		return fmt.Errorf("certificate %s: %w", s.cfg.CertFile, err)
+	}
+	return nil
+}
+
+// Verify checks that the certificate presented now chains to the CA and
+// is valid now: one that does not is refused by every peer.
+func (s *Store) Verify() error {
+	return s.verifyLeaf(s.Leaf(), time.Now())
+}
+
+// Refresh looks at the certificate and key files now, whenever the last
+// look was, reloads them if they changed, and returns Err. Calling it on a
+// timer makes a replacement take effect, and be reported to
+// Config.OnReload, even while no handshake happens.
 func (s *Store) Refresh() error {
-	s.current()
+	s.check(true)
 	return s.Err()
 }
 
@@ -229,6 +276,11 @@ func loadPair(certPath, keyPath string) (*tls.Certificate, error) {
 	if err != nil {
 		return nil, fmt.Errorf("certificate %s with key %s: %w", certPath, keyPath, err)
 	}
+	if cert.Leaf == nil { // GODEBUG=x509keypairleaf=0
+		if cert.Leaf, err = x509.ParseCertificate(cert.Certificate[0]); err != nil {
+			return nil, fmt.Errorf("certificate %s: %w", certPath, err)
+		}
+	}
 	return &cert, nil
 }
 
@@ -245,8 +297,15 @@ func statPair(certPath, keyPath string) ([2]fs.FileInfo, error) {
 	return st, nil
 }
 
+// samePair reports whether a and b describe the same, unmodified pair of
+// files.
+func samePair(a, b [2]fs.FileInfo) bool { return sameFile(a[0], b[0]) && sameFile(a[1], b[1]) }
+
 // sameFile reports whether a and b describe the same, unmodified file.
 func sameFile(a, b fs.FileInfo) bool {
+	if a == nil || b == nil {
+		return false
+	}
 	return a.Size() == b.Size() && a.ModTime().Equal(b.ModTime()) && os.SameFile(a, b)
 }
 

@@ -128,7 +128,7 @@ var (
 	descCertExpiry = prometheus.NewDesc(metricsNamespace+"_certificate_expiry_timestamp_seconds",
 		"When the certificate this host presents expires, as Unix time.", nil, nil)
 	descCertReloadFailed = prometheus.NewDesc(metricsNamespace+"_certificate_reload_failed",
-		"1 if the certificate or key files were replaced by ones that could not be loaded (the previous pair is still presented), else 0.", nil, nil)
+		"1 while the certificate and key files in place are not the ones presented (a file is missing or unreadable, or a replaced pair could not be used; the previous pair is still presented), else 0.", nil, nil)
 )
 
 // stateCollector reads byte counts and open streams and sessions from the

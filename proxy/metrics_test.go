@@ -244,7 +244,7 @@ func TestMetricsCertificate(t *testing.T) {
 		want := fmt.Sprintf(`# HELP migtun_certificate_expiry_timestamp_seconds When the certificate this host presents expires, as Unix time.
 # TYPE migtun_certificate_expiry_timestamp_seconds gauge
 migtun_certificate_expiry_timestamp_seconds %d
-# HELP migtun_certificate_reload_failed 1 if the certificate or key files were replaced by ones that could not be loaded (the previous pair is still presented), else 0.
+# HELP migtun_certificate_reload_failed 1 while the certificate and key files in place are not the ones presented (a file is missing or unreadable, or a replaced pair could not be used; the previous pair is still presented), else 0.
 # TYPE migtun_certificate_reload_failed gauge
 migtun_certificate_reload_failed %d
 `, expiry, failed)

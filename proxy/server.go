@@ -52,8 +52,9 @@ type Config struct {
 	// vm-prepare, vm-finish, vm-recover and vm-abort requests; nil: none.
 	VMs VMController
 	// Certificate, when set, returns the certificate this host presents
-	// and the error of its last failed reload (nil if none), for the
-	// metrics: its expiry, and whether replaced files were refused.
+	// and what keeps the certificate files in place from being presented
+	// (nil if nothing), for the metrics: its expiry, and whether a reload
+	// failed.
 	Certificate func() (*x509.Certificate, error)
 }
 

@@ -83,6 +83,7 @@ func testCertRotation(t *testing.T, transport string) {
 		t.Fatal(err)
 	}
 	defer long.Close()
+	long.SetDeadline(time.Now().Add(2 * time.Minute)) // a stalled stream fails the test, not hangs it
 	longSent := make(chan error, 1)
 	var longWritten atomic.Int64
 	go func() {
@@ -139,7 +140,11 @@ func testCertRotation(t *testing.T, transport string) {
 	defer endLoad()
 
 	for longWritten.Load() < 16<<20 {
-		time.Sleep(20 * time.Millisecond)
+		select {
+		case err := <-longSent:
+			t.Fatalf("the long stream ended before the rotation: %v", err)
+		case <-time.After(20 * time.Millisecond):
+		}
 	}
 	dstLeaf, srcLeaf := rotateCert(t, ca, "dst"), rotateCert(t, ca, "src")
 	// Serials as migtun logs them.
@@ -204,7 +209,9 @@ func testCertRotation(t *testing.T, transport string) {
 	if err := <-longSent; err != nil {
 		t.Fatalf("sending the long stream: %v", err)
 	}
-	io.Copy(io.Discard, long) // its end: the destination closed after EOF
+	if _, err := io.Copy(io.Discard, long); err != nil { // its end: the destination closed after EOF
+		t.Fatalf("waiting for the long stream's end: %v", err)
+	}
 	loadMu.Lock()
 	defer loadMu.Unlock()
 	if len(loadErrs) > 0 {

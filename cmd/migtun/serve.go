@@ -32,7 +32,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("serve", serveSynopsis, stderr)
 	listen := fs.String("listen", "", "host:port of the tunnel port (TCP for tls and plain, UDP for quic)")
 	transport := fs.String("transport", "tls", "how streams cross to peers: tls, quic or plain")
-	certFile := fs.String("cert", "", "this host's certificate (PEM); replacing it and --key takes effect within a second, for new connections")
+	certFile := fs.String("cert", "", "this host's certificate (PEM); replacing it and --key takes effect within about a second, for new connections")
 	keyFile := fs.String("key", "", "this host's private key (PEM)")
 	caFile := fs.String("ca", "", "the CA certificate peers must be signed by (PEM); read once, at start")
 	var routes []proxy.Route
@@ -105,6 +105,9 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("serve: %w", err)
 	}
 	log.Info("certificate loaded", certAttrs(store.Leaf())...)
+	if err := store.Verify(); err != nil {
+		log.Warn("peers will refuse this host's certificate", "err", err.Error())
+	}
 	var vmc proxy.VMController
 	if len(vms) > 0 {
 		vmc = migrate.NewController(vms, log)
