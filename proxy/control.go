@@ -42,8 +42,10 @@ type controlRequest struct {
 	Token   string `json:"token,omitempty"`
 	// Channels are the channels to prepare.
 	Channels []string `json:"channels,omitempty"`
-	// Reason says why the source aborts.
-	Reason string `json:"reason,omitempty"`
+	// Reason says why the source aborts; Expired says the abort is the
+	// source's session expiring, so the destination's ends expired too.
+	Reason  string `json:"reason,omitempty"`
+	Expired bool   `json:"expired,omitempty"`
 	// VM names a VM registered on the destination (vm-prepare, vm-finish,
 	// vm-recover, vm-abort); Prepare is what vm-prepare asks, Resume what
 	// vm-finish does.

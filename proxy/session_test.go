@@ -38,6 +38,12 @@ func sessTunnel(h *testpki.Host, tr tunnel.Transport) *tunnel.Config {
 
 func newSessHosts(t *testing.T, tr tunnel.Transport, ttl time.Duration) *sessHosts {
 	t.Helper()
+	return newSessHostsTTL(t, tr, ttl, ttl)
+}
+
+// newSessHostsTTL is newSessHosts with a session TTL for each host.
+func newSessHostsTTL(t *testing.T, tr tunnel.Transport, srcTTL, dstTTL time.Duration) *sessHosts {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "ps")
 	if err != nil {
 		t.Fatal(err)
@@ -46,11 +52,11 @@ func newSessHosts(t *testing.T, tr tunnel.Transport, ttl time.Duration) *sessHos
 	echo := sessEcho(t, filepath.Join(dir, "echo.sock"))
 	ca := testpki.NewCA(t)
 	dst := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "dst"), tr),
-		Routes: []proxy.Route{{Channel: "main", Target: proxy.Endpoint{Network: "unix", Address: echo}}}, SessionTTL: ttl,
+		Routes: []proxy.Route{{Channel: "main", Target: proxy.Endpoint{Network: "unix", Address: echo}}}, SessionTTL: dstTTL,
 		FinishGrace: 2 * time.Second})
 	h := &sessHosts{dst: dst, ca: ca, transport: tr, sockDir: filepath.Join(dir, "socks")}
 	src := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "src"), tr),
-		SocketDir: h.sockDir, SessionTTL: ttl, FinishGrace: 2 * time.Second})
+		SocketDir: h.sockDir, SessionTTL: srcTTL, FinishGrace: 2 * time.Second})
 	h.src = src
 	return h
 }
@@ -204,26 +210,50 @@ func decodeID(t *testing.T, s string) tunnel.SessionID {
 	return id
 }
 
+// TestSessionExpires checks that an unused session expires on both hosts
+// and leaves no socket behind, whichever host's TTL runs out first: the
+// source tells the destination when its own session expires.
 func TestSessionExpires(t *testing.T) {
-	leaktest.Check(t)
-	h := newSessHosts(t, tunnel.TLS, 300*time.Millisecond)
-	info := h.prepare(t, "main")
-	sock := strings.TrimPrefix(info.Channels[0].URI, "unix:")
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		s, _ := h.src.Session(info.ID)
-		d, _ := h.dst.Session(info.ID)
-		if s.State == proxy.StateExpired && d.State == proxy.StateExpired {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("not expired: source %s, destination %s", s.State, d.State)
-		}
-		time.Sleep(50 * time.Millisecond)
+	for _, tc := range []struct {
+		name           string
+		srcTTL, dstTTL time.Duration
+		dstReason      string // what the destination's error must contain
+	}{
+		{"same-ttl", 300 * time.Millisecond, 300 * time.Millisecond, "no stream for 300ms"},
+		{"source-first", 300 * time.Millisecond, time.Hour, "expired on the source: no stream for 300ms"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			leaktest.Check(t)
+			h := newSessHostsTTL(t, tunnel.TLS, tc.srcTTL, tc.dstTTL)
+			info := h.prepare(t, "main")
+			sock := strings.TrimPrefix(info.Channels[0].URI, "unix:")
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				s, _ := h.src.Session(info.ID)
+				d, _ := h.dst.Session(info.ID)
+				if ended(s.State) && ended(d.State) {
+					if s.State != proxy.StateExpired || d.State != proxy.StateExpired {
+						t.Fatalf("ended as: source %s (%s), destination %s (%s); want both expired", s.State, s.Error, d.State, d.Error)
+					}
+					if !strings.Contains(d.Error, tc.dstReason) {
+						t.Fatalf("destination's reason %q does not say %q", d.Error, tc.dstReason)
+					}
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("not expired: source %s, destination %s", s.State, d.State)
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			if _, err := os.Stat(sock); !os.IsNotExist(err) {
+				t.Fatalf("expired session's socket left behind: %v", err)
+			}
+		})
 	}
-	if _, err := os.Stat(sock); !os.IsNotExist(err) {
-		t.Fatalf("expired session's socket left behind: %v", err)
-	}
+}
+
+func ended(s proxy.State) bool {
+	return s == proxy.StateFinished || s == proxy.StateAborted || s == proxy.StateExpired
 }
 
 func TestSessionAbortClosesStreams(t *testing.T) {

@@ -347,7 +347,7 @@ func (s *Server) endSession(sess *session, st State, reason string, tellPeer boo
 	s.vmSessionEnded(sess)
 	if tellPeer && sess.role == RoleSource {
 		s.tellPeer(sess.peer, controlRequest{Op: opAbort, Session: sess.idString(),
-			Token: hex.EncodeToString(sess.token[:]), Reason: reason})
+			Token: hex.EncodeToString(sess.token[:]), Reason: reason, Expired: st == StateExpired})
 	}
 	s.sessions.release(sess)
 	s.metrics.sessionEnded(st)
@@ -385,6 +385,10 @@ func (r *sessions) handlePeer(s *Server, peer string, req controlRequest) contro
 		switch req.Op {
 		case opVMPrepare, opVMFinish, opVMRecover, opVMAbort:
 			return s.handleVM(sess, req)
+		}
+		if req.Op == opAbort && req.Expired {
+			s.endSession(sess, StateExpired, "expired on the source: "+req.Reason, false)
+			return controlResponse{}
 		}
 		if req.Op == opAbort {
 			s.abortSession(sess, "aborted by the source: "+req.Reason, false)
