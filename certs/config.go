@@ -7,6 +7,7 @@ import (
 	"net"
 	"slices"
 	"strings"
+	"sync/atomic"
 )
 
 // ServerConfig returns a TLS 1.3 server configuration that requires a
@@ -15,6 +16,8 @@ import (
 // tickets are enabled so clients can resume; tickets issued before the
 // server's certificate was rotated are not accepted.
 //
+// Each handshake runs on its own copy, which GetConfigForClient returns; a
+// caller that changes the config should change what that returns too.
 // Each returned config has its own session ticket keys; reuse one config per
 // listener rather than calling ServerConfig per connection.
 func (s *Store) ServerConfig(alpn []string) *tls.Config {
@@ -30,18 +33,42 @@ func (s *Store) ServerConfig(alpn []string) *tls.Config {
 			return cert, nil
 		},
 	}
+	cfg.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		return s.handshakeConfig(cfg), nil
+	}
+	return cfg
+}
+
+// handshakeConfig is the configuration of one incoming handshake. It
+// remembers the generation of the certificate the handshake presents, or
+// of the ticket it resumes, and records that one in the ticket it issues:
+// the generation current when the ticket is sent may be newer after a
+// rotation, and a ticket marked with it would let clients resume a session
+// that shows them the old certificate. Tickets are encrypted with base's
+// keys, so every handshake of a listener can resume the others' tickets.
+func (s *Store) handshakeConfig(base *tls.Config) *tls.Config {
+	cfg := base.Clone()
+	cfg.GetConfigForClient = nil
+	var gen atomic.Uint64
+	cfg.GetCertificate = func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+		cert, g := s.current()
+		gen.Store(g)
+		return cert, nil
+	}
 	cfg.WrapSession = func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
-		ss.Extra = append(ss.Extra, genExtra(s.generation()))
-		return cfg.EncryptTicket(cs, ss)
+		ss.Extra = append(ss.Extra, genExtra(gen.Load()))
+		return base.EncryptTicket(cs, ss)
 	}
 	cfg.UnwrapSession = func(identity []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
-		ss, err := cfg.DecryptTicket(identity, cs)
+		ss, err := base.DecryptTicket(identity, cs)
 		if err != nil || ss == nil {
 			return ss, err
 		}
-		if gen, ok := extraGen(ss.Extra); !ok || gen != s.generation() {
+		g, ok := extraGen(ss.Extra)
+		if !ok || g != s.generation() {
 			return nil, nil // full handshake
 		}
+		gen.Store(g)
 		return ss, nil
 	}
 	return cfg
@@ -52,22 +79,28 @@ func (s *Store) ServerConfig(alpn []string) *tls.Config {
 // certificate, offers the ALPN protocols alpn and enforces
 // Config.AllowedPeers on the server's certificate. serverName is a host
 // name or IP address; a ":port" suffix is ignored. All configs from one
-// Store share a session cache, so new connections resume.
+// Store share a session cache, so new connections resume, but only
+// sessions made with the current certificate.
+//
+// Call it for each connection: the config remembers which certificate its
+// handshake presented, to file the connection's session ticket under it.
 func (s *Store) ClientConfig(serverName string, alpn []string) *tls.Config {
 	if host, _, err := net.SplitHostPort(serverName); err == nil {
 		serverName = host
 	}
 	serverName = strings.TrimSuffix(strings.TrimPrefix(serverName, "["), "]")
+	cache := &connCache{store: s}
 	return &tls.Config{
 		MinVersion:         tls.VersionTLS13,
 		MaxVersion:         tls.VersionTLS13,
 		RootCAs:            s.pool,
 		ServerName:         serverName,
 		NextProtos:         slices.Clone(alpn),
-		ClientSessionCache: s.cache,
+		ClientSessionCache: cache,
 		VerifyConnection:   s.verifyConnection,
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-			cert, _ := s.current()
+			cert, gen := s.current()
+			cache.use(gen)
 			return cert, nil
 		},
 	}

@@ -26,6 +26,13 @@ type result struct {
 // the server sent after the client's handshake finished.
 func dial(t *testing.T, srv, cli *tls.Config) (server, client result) {
 	t.Helper()
+	return dialThen(t, srv, cli, nil)
+}
+
+// dialThen is dial calling then, if not nil, between the client's
+// handshake and its read, that is before the client takes its ticket.
+func dialThen(t *testing.T, srv, cli *tls.Config, then func()) (server, client result) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -56,6 +63,9 @@ func dial(t *testing.T, srv, cli *tls.Config) (server, client result) {
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	tc := tls.Client(c, cli)
 	err = tc.Handshake()
+	if err == nil && then != nil {
+		then()
+	}
 	if err == nil {
 		_, err = io.ReadFull(tc, make([]byte, 1))
 	}
@@ -237,10 +247,66 @@ func TestRotation(t *testing.T) {
 	}
 }
 
+// TestRotationDuringHandshake rotates each host's certificate after its
+// handshake presented the old one and before the session ticket of that
+// handshake is filed: the ticket must stay tied to the old certificate, so
+// the next connection does not resume it and presents the new one.
+func TestRotationDuringHandshake(t *testing.T) {
+	t.Run("client", func(t *testing.T) {
+		dir := newCA(t)
+		server := newHost(t, dir, "server", nil)
+		client := newHost(t, dir, "client", nil)
+		srv := server.ServerConfig(alpn)
+		s, c := dialThen(t, srv, client.ClientConfig("server", alpn), func() {
+			replace(t, dir, "client", "client2", nil)
+			if err := client.Refresh(); err != nil {
+				t.Fatal(err)
+			}
+		})
+		if s.err != nil || c.err != nil || PeerName(s.state) != "client" {
+			t.Fatalf("first connection: server %v, client %v, server sees %q", s.err, c.err, PeerName(s.state))
+		}
+		ss, cs := mustDial(t, srv, client.ClientConfig("server", alpn))
+		if cs.DidResume || PeerName(ss) != "client2" {
+			t.Errorf("after the client's rotation: resumed %v, server sees %q, want a full handshake showing client2", cs.DidResume, PeerName(ss))
+		}
+	})
+	t.Run("server", func(t *testing.T) {
+		dir := newCA(t)
+		server := newHost(t, dir, "server", []string{"srv.example"})
+		client := newHost(t, dir, "client", nil)
+		srv := server.ServerConfig(alpn)
+		verify, rotated := srv.VerifyConnection, false
+		// The server's VerifyConnection runs after it presented its
+		// certificate and before it sends the ticket.
+		srv.VerifyConnection = func(cs tls.ConnectionState) error {
+			if !rotated {
+				rotated = true
+				replace(t, dir, "server", "server2", []string{"srv.example"})
+				if err := server.Refresh(); err != nil {
+					return err
+				}
+			}
+			return verify(cs)
+		}
+		if _, cs := mustDial(t, srv, client.ClientConfig("srv.example", alpn)); PeerName(cs) != "server" {
+			t.Fatalf("first connection: client sees %q", PeerName(cs))
+		}
+		_, cs := mustDial(t, srv, client.ClientConfig("srv.example", alpn))
+		if cs.DidResume || PeerName(cs) != "server2" {
+			t.Errorf("after the server's rotation: resumed %v, client sees %q, want a full handshake showing server2", cs.DidResume, PeerName(cs))
+		}
+		if _, cs := mustDial(t, srv, client.ClientConfig("srv.example", alpn)); !cs.DidResume {
+			t.Error("tickets issued after the rotation are not resumed")
+		}
+	})
+}
+
 func TestReloadThrottled(t *testing.T) {
 	dir := newCA(t)
 	server := newHost(t, dir, "server", nil)
 	client := newHost(t, dir, "client", nil)
+	server.interval = time.Hour // however slow the machine, the test is within it
 	replace(t, dir, "server", "server2", []string{"server"})
 	// Within the interval the old certificate is still served.
 	_, cs := mustDial(t, server.ServerConfig(alpn), client.ClientConfig("server", alpn))

@@ -52,8 +52,8 @@ type Config struct {
 type Store struct {
 	cfg      Config
 	pool     *x509.CertPool
-	cache    *sessionCache
-	interval time.Duration // minimum time between file checks
+	cache    tls.ClientSessionCache // shared by every ClientConfig; see connCache
+	interval time.Duration          // minimum time between file checks
 
 	report sync.Mutex // held across a check and its OnReload call
 
@@ -105,7 +105,7 @@ func Load(cfg Config) (*Store, error) {
 		stamps:   stamps,
 		checked:  time.Now(),
 	}
-	s.cache = &sessionCache{store: s, lru: tls.NewLRUClientSessionCache(256)}
+	s.cache = tls.NewLRUClientSessionCache(256)
 	return s, nil
 }
 
@@ -309,22 +309,44 @@ func sameFile(a, b fs.FileInfo) bool {
 	return a.Size() == b.Size() && a.ModTime().Equal(b.ModTime()) && os.SameFile(a, b)
 }
 
-// sessionCache is the Store's client session cache. Keys carry the
-// certificate generation, so sessions made with a certificate that has
-// since been rotated are not resumed.
-type sessionCache struct {
+// connCache is the client session cache of one connection's config, over
+// the Store's shared LRU. It files the ticket a connection receives under
+// the generation of the certificate that connection presented, which is
+// the one the ticket carries: after a rotation during the handshake, the
+// generation current when the ticket arrives is newer, and a ticket filed
+// under it would keep presenting the old certificate on resumption.
+type connCache struct {
 	store *Store
-	lru   tls.ClientSessionCache
+	mu    sync.Mutex
+	gen   uint64 // generation of the certificate this connection uses
+	known bool
 }
 
-// Get implements tls.ClientSessionCache.
-func (c *sessionCache) Get(key string) (*tls.ClientSessionState, bool) {
-	return c.lru.Get(genKey(c.store.generation(), key))
+// use records the generation of the certificate the connection presents,
+// or whose ticket it tries to resume.
+func (c *connCache) use(gen uint64) {
+	c.mu.Lock()
+	c.gen, c.known = gen, true
+	c.mu.Unlock()
+}
+
+// Get implements tls.ClientSessionCache: only tickets of the current
+// certificate are resumed.
+func (c *connCache) Get(key string) (*tls.ClientSessionState, bool) {
+	gen := c.store.generation()
+	c.use(gen)
+	return c.store.cache.Get(genKey(gen, key))
 }
 
 // Put implements tls.ClientSessionCache.
-func (c *sessionCache) Put(key string, cs *tls.ClientSessionState) {
-	c.lru.Put(genKey(c.store.generation(), key), cs)
+func (c *connCache) Put(key string, cs *tls.ClientSessionState) {
+	c.mu.Lock()
+	gen, known := c.gen, c.known
+	c.mu.Unlock()
+	if !known {
+		gen = c.store.generation()
+	}
+	c.store.cache.Put(genKey(gen, key), cs)
 }
 
 // genKey prefixes a cache key with a generation.

@@ -140,7 +140,8 @@ func (c *Config) logHandshake(t Transport, direction string, remote net.Addr, cs
 		return
 	}
 	attrs := []slog.Attr{slog.String("transport", string(t)), slog.String("direction", direction),
-		slog.String("remote", remote.String()), slog.String("peer", peerName(cs)), slog.Bool("resumed", cs.DidResume)}
+		slog.String("remote", remote.String()), slog.String("peer", peerName(cs)), slog.Bool("resumed", cs.DidResume),
+		slog.String("alpn", cs.NegotiatedProtocol)}
 	if len(cs.PeerCertificates) > 0 {
 		leaf := cs.PeerCertificates[0]
 		attrs = append(attrs, slog.String("peer_serial", leaf.SerialNumber.Text(16)),
@@ -160,8 +161,25 @@ func (c *Config) nextProtos(tcp bool) []string {
 
 // serverTLS returns the server TLS configuration with migtun's ALPN and
 // TLS 1.3 as the only version; tcp says whether it serves TCP or QUIC.
+// A configuration that GetConfigForClient returns for a handshake gets the
+// same settings.
 func (c *Config) serverTLS(tcp bool) *tls.Config {
-	t := c.ServerTLS.Clone()
+	t := c.pinTLS(c.ServerTLS, tcp)
+	if get := t.GetConfigForClient; get != nil {
+		t.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+			h, err := get(hello)
+			if h == nil || err != nil {
+				return h, err
+			}
+			return c.pinTLS(h, tcp), nil
+		}
+	}
+	return t
+}
+
+// pinTLS returns a copy of t with migtun's ALPN and TLS 1.3 only.
+func (c *Config) pinTLS(t *tls.Config, tcp bool) *tls.Config {
+	t = t.Clone()
 	t.NextProtos = c.nextProtos(tcp)
 	t.MinVersion = tls.VersionTLS13
 	t.MaxVersion = tls.VersionTLS13
@@ -173,9 +191,5 @@ func (c *Config) clientTLS(serverName string, tcp bool) *tls.Config {
 	if t == nil {
 		return nil
 	}
-	t = t.Clone()
-	t.NextProtos = c.nextProtos(tcp)
-	t.MinVersion = tls.VersionTLS13
-	t.MaxVersion = tls.VersionTLS13
-	return t
+	return c.pinTLS(t, tcp)
 }

@@ -32,12 +32,19 @@ type pair struct {
 
 func newPair(t testing.TB, tr Transport) *pair {
 	t.Helper()
+	return newPairTimeout(t, tr, 0)
+}
+
+// newPairTimeout is newPair with the listener's handshake timeout; zero
+// keeps the default, which a slow machine under -race does not reach.
+func newPairTimeout(t testing.TB, tr Transport, handshake time.Duration) *pair {
+	t.Helper()
 	ca := testpki.NewCA(t)
 	src, dst := ca.NewHost(t, "src"), ca.NewHost(t, "dst")
 	p := &pair{}
 	ln, err := Listen("127.0.0.1:0", &Config{
 		Transport: tr, ServerTLS: dst.Server, ClientTLS: dst.Client, AllowPlaintext: true,
-		HandshakeTimeout: 2 * time.Second,
+		HandshakeTimeout: handshake,
 		OnRefused:        func(Reason) { p.refused.Add(1) },
 	})
 	if err != nil {
@@ -173,7 +180,7 @@ func testRefusal(t *testing.T, tr Transport) {
 // testGarbage throws junk, a half-open connection and a slow sender at the
 // port while a stream is moving data.
 func testGarbage(t *testing.T, tr Transport) {
-	p := newPair(t, tr)
+	p := newPairTimeout(t, tr, 2*time.Second) // garbage must be closed before the 5 s read deadline
 	p.serve(t, func(in *Incoming) {
 		s, err := in.Accept()
 		if err != nil {
@@ -438,45 +445,67 @@ func benchOneWay(b *testing.B, near, far Stream) {
 
 // TestHandshakeLogged checks that both ends log, at debug level, each
 // handshake with the name and serial of the certificate the peer presented.
+// TestHandshakeLogged checks the debug line of each handshake on both
+// ends, with a server configuration as given and with one whose
+// GetConfigForClient hands each handshake a copy (as certs.Store's does)
+// that has the wrong ALPN and versions: the tunnel sets its own on both.
 func TestHandshakeLogged(t *testing.T) {
 	for _, tr := range []Transport{TLS, QUIC} {
-		t.Run(string(tr), func(t *testing.T) {
-			leaktest.Check(t)
-			ca := testpki.NewCA(t)
-			src, dst := ca.NewHost(t, "src"), ca.NewHost(t, "dst")
-			var srcLog, dstLog testlog.Buffer
-			ln, err := Listen("127.0.0.1:0", &Config{Transport: tr, ServerTLS: dst.Server, ClientTLS: dst.Client, Logger: dstLog.Logger()})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
-			d, err := NewDialer(&Config{Transport: tr, ServerTLS: src.Server, ClientTLS: src.Client, Logger: srcLog.Logger()})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer d.Close()
-			p := &pair{ln: ln, d: d, addr: ln.Addr().String()}
-			p.serve(t, func(in *Incoming) {
-				if s, err := in.Accept(); err == nil {
-					s.Close()
+		for _, perHandshake := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/config-for-client=%v", tr, perHandshake), func(t *testing.T) {
+				leaktest.Check(t)
+				ca := testpki.NewCA(t)
+				src, dst := ca.NewHost(t, "src"), ca.NewHost(t, "dst")
+				server := dst.Server
+				if perHandshake {
+					server = dst.Server.Clone()
+					server.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) {
+						h := dst.Server.Clone()
+						h.NextProtos = []string{"h2"}
+						h.MinVersion, h.MaxVersion = tls.VersionTLS12, tls.VersionTLS12
+						return h, nil
+					}
+				}
+				var srcLog, dstLog testlog.Buffer
+				ln, err := Listen("127.0.0.1:0", &Config{Transport: tr, ServerTLS: server, ClientTLS: dst.Client, Logger: dstLog.Logger()})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer ln.Close()
+				d, err := NewDialer(&Config{Transport: tr, ServerTLS: src.Server, ClientTLS: src.Client, Logger: srcLog.Logger()})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer d.Close()
+				p := &pair{ln: ln, d: d, addr: ln.Addr().String()}
+				p.serve(t, func(in *Incoming) {
+					if s, err := in.Accept(); err == nil {
+						s.Close()
+					}
+				})
+				s, err := d.Open(context.Background(), p.addr, Header{Kind: KindData, Channel: "main"})
+				if err != nil {
+					t.Fatal(err)
+				}
+				s.Close()
+				alpn := ALPN
+				if tr == TLS {
+					alpn = ALPNBulk
+				}
+				for _, c := range []struct {
+					log       *testlog.Buffer
+					dir, peer string
+					serial    *big.Int
+				}{{&dstLog, "in", "src", src.Leaf().SerialNumber}, {&srcLog, "out", "dst", dst.Leaf().SerialNumber}} {
+					want := fmt.Sprintf(`msg="tunnel handshake" transport=%s direction=%s`, tr, c.dir)
+					line := c.log.Line(want)
+					for _, attr := range []string{" peer=" + c.peer + " ", " alpn=" + alpn + " ", " peer_serial=" + c.serial.Text(16) + " "} {
+						if !strings.Contains(line, attr) {
+							t.Errorf("want a line with %s and%s; log:\n%s", want, attr, c.log.String())
+						}
+					}
 				}
 			})
-			s, err := d.Open(context.Background(), p.addr, Header{Kind: KindData, Channel: "main"})
-			if err != nil {
-				t.Fatal(err)
-			}
-			s.Close()
-			for _, c := range []struct {
-				log       *testlog.Buffer
-				dir, peer string
-				serial    *big.Int
-			}{{&dstLog, "in", "src", src.Leaf().SerialNumber}, {&srcLog, "out", "dst", dst.Leaf().SerialNumber}} {
-				want := fmt.Sprintf(`msg="tunnel handshake" transport=%s direction=%s`, tr, c.dir)
-				line := c.log.Line(want)
-				if !strings.Contains(line, " peer="+c.peer+" ") || !strings.Contains(line, " peer_serial="+c.serial.Text(16)+" ") {
-					t.Errorf("want a line with %s peer=%s peer_serial=%s; log:\n%s", want, c.peer, c.serial.Text(16), c.log.String())
-				}
-			}
-		})
+		}
 	}
 }
