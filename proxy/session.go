@@ -211,10 +211,12 @@ func (s *session) addRelay(r *activeRelay) error {
 // removeRelay detaches an ended relay and keeps its byte counts.
 func (s *session) removeRelay(r *activeRelay) {
 	fwd, ret := r.directions(r.role)
+	// Under the lock, with the delete, so that channelInfo counts the
+	// relay's bytes exactly once.
+	s.mu.Lock()
 	r.ch.doneForward.Add(fwd)
 	r.ch.doneReturn.Add(ret)
 	r.ch.active.Add(-1)
-	s.mu.Lock()
 	delete(s.relays, r)
 	if s.state == StateActive && len(s.relays) == 0 && s.expire != nil && s.timer == nil {
 		// The last stream ended without a finish: expire unless another
@@ -290,8 +292,8 @@ func (s *session) info() SessionInfo {
 }
 
 func (s *session) channelInfo(c *sessionChannel) ChannelInfo {
-	fwd, ret := c.doneForward.Load(), c.doneReturn.Load()
 	s.mu.Lock()
+	fwd, ret := c.doneForward.Load(), c.doneReturn.Load()
 	for r := range s.relays {
 		if r.ch == c {
 			f, b := r.directions(r.role)

@@ -245,7 +245,12 @@ func TestSessionExpires(t *testing.T) {
 				}
 				time.Sleep(50 * time.Millisecond)
 			}
-			if _, err := os.Stat(sock); !os.IsNotExist(err) {
+			// The state turns final just before the socket is removed.
+			_, err := os.Stat(sock)
+			for wait := time.Now().Add(2 * time.Second); err == nil && time.Now().Before(wait); _, err = os.Stat(sock) {
+				time.Sleep(10 * time.Millisecond)
+			}
+			if !os.IsNotExist(err) {
 				t.Fatalf("expired session's socket left behind: %v", err)
 			}
 		})

@@ -54,12 +54,16 @@ func testPostcopyRecovery(t *testing.T, transport, link string) {
 
 	// Postcopy at once, its page push held to 12 MiB/s: the 256 MiB of
 	// RAM take about 20 s to arrive, time enough to cut the link in the
-	// middle, and for a --timeout of 12 s to end the command in postcopy
-	// even when the mirror and the switch are slow to start.
+	// middle. To end the command in postcopy with --timeout 30s, the push
+	// is held to 4 MiB/s (about 64 s), so that however slow the mirror and
+	// the switch are to start, the timeout comes after the switch.
+	bandwidth, timeout := "12582912", "4m"
+	if link == timeoutInPostcopy {
+		bandwidth, timeout = "4194304", "30s"
+	}
 	cmd := exec.CommandContext(ctx, migtunBin, h.migrateArgs("--copy-storage", "all", "--paused",
-		"--postcopy", "--postcopy-start", "immediately", "--postcopy-bandwidth", "12582912", "--json",
-		"--recover-timeout", map[bool]string{true: "60s", false: "5s"}[heal],
-		"--timeout", map[bool]string{true: "12s", false: "4m"}[link == timeoutInPostcopy])...)
+		"--postcopy", "--postcopy-start", "immediately", "--postcopy-bandwidth", bandwidth, "--json",
+		"--recover-timeout", map[bool]string{true: "60s", false: "5s"}[heal], "--timeout", timeout)...)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -74,6 +78,7 @@ func testPostcopyRecovery(t *testing.T, transport, link string) {
 		res                *migrate.Result
 		cutAt, pausedAt    time.Time
 		healedAt, activeAt time.Time
+		inPostcopyAt       time.Time // when postcopy-active was first reported
 	)
 	sc := bufio.NewScanner(stdout)
 	for sc.Scan() {
@@ -100,6 +105,9 @@ func testPostcopyRecovery(t *testing.T, transport, link string) {
 		if ev.Migration != nil {
 			status = ev.Migration.Status
 		}
+		if status == qmp.MigrationPostcopyActive && inPostcopyAt.IsZero() {
+			inPostcopyAt = time.Now()
+		}
 		switch {
 		case link != timeoutInPostcopy && cutAt.IsZero() && status == qmp.MigrationPostcopyActive && ev.Migration.RAM != nil && ev.Migration.RAM.Transferred > 32<<20:
 			t.Logf("cutting the link in postcopy after %s of RAM, with %s", migSize(ev.Migration.RAM.Transferred), ns.cut(t))
@@ -124,6 +132,10 @@ func testPostcopyRecovery(t *testing.T, transport, link string) {
 	}
 	out := strings.Join(lines, "\n")
 	if link == timeoutInPostcopy {
+		if inPostcopyAt.IsZero() {
+			t.Fatalf("--timeout ended migtun migrate before postcopy began, so this case tests nothing:\n%s\n%s", migTail(out, 12), stderr.String())
+		}
+		t.Logf("--timeout ended migtun migrate %v after postcopy began", time.Since(inPostcopyAt).Round(time.Millisecond))
 		// Ending the command aborts the session, which cuts the streams.
 		pausedAt = time.Now()
 	}

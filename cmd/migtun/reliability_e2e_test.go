@@ -90,7 +90,11 @@ func TestReliabilityDestKilledMidMigration(t *testing.T) {
 			t.Logf("source QEMU saw the migration fail %v after the kill (%v); guest %s", took.Round(time.Millisecond), migErr, status)
 
 			st, why, ended := waitSessionEnded(t, h.srcCtl, info.ID, 10*time.Second)
+			// The state turns final just before the socket is removed.
 			left, _ := os.ReadDir(h.socketDir)
+			for wait := time.Now().Add(2 * time.Second); len(left) > 0 && time.Now().Before(wait); left, _ = os.ReadDir(h.socketDir) {
+				time.Sleep(20 * time.Millisecond)
+			}
 			if ended < 0 || len(left) > 0 {
 				h.abortSession(t, info.ID)
 				knownBug(t, "the source session is still %q 10s after its only stream failed (the destination migtun was killed); "+

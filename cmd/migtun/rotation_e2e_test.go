@@ -42,9 +42,6 @@ func testCertRotation(t *testing.T, transport string) {
 	ca := pki(t, "src", "dst", "late")
 	dstIn, lateIn := filepath.Join(dir, "in.sock"), filepath.Join(dir, "late.sock")
 	fwd, lateFwd := filepath.Join(dir, "fwd.sock"), filepath.Join(dir, "late-fwd.sock")
-	// A peer that starts only after the rotation, so the source must
-	// connect to it anew: its port is reserved now.
-	lateAddr := freePort(t, transport)
 
 	var (
 		mu   sync.Mutex
@@ -70,8 +67,12 @@ func testCertRotation(t *testing.T, transport string) {
 
 	dst := startRel(t, ca, "dst", "127.0.0.1:0", nil, "--transport", transport, "--route", "main=unix:"+dstIn,
 		"--metrics-listen", "127.0.0.1:0")
+	// A peer the source connects to only after the rotation: it runs from
+	// the start (a port reserved now and bound later could be taken by
+	// then), and no stream is sent to it before.
+	lateProc := startRel(t, ca, "late", "127.0.0.1:0", nil, "--transport", transport, "--route", "main=unix:"+lateIn)
 	src := startRel(t, ca, "src", "127.0.0.1:0", nil, "--transport", transport,
-		"--forward", "unix:"+fwd+"="+dst.Addr+"/main", "--forward", "unix:"+lateFwd+"="+lateAddr+"/main")
+		"--forward", "unix:"+fwd+"="+dst.Addr+"/main", "--forward", "unix:"+lateFwd+"="+lateProc.Addr+"/main")
 
 	// The stream in flight: 96 MiB at about 12 MiB/s.
 	const size = 96 << 20
@@ -188,7 +189,9 @@ func testCertRotation(t *testing.T, transport string) {
 
 	// The source presents its new certificate to a peer it connects to
 	// after the rotation.
-	lateProc := startRel(t, ca, "late", lateAddr, nil, "--transport", transport, "--route", "main=unix:"+lateIn)
+	if logHas(lateProc.LogPath, `msg="tunnel handshake"`) {
+		t.Fatal("the source connected to the late peer before the rotation")
+	}
 	if err := sendOne(lateFwd, []byte("after the rotation")); err != nil {
 		t.Fatalf("a stream to the peer started after the rotation: %v", err)
 	}
@@ -279,25 +282,6 @@ func sendOne(path string, b []byte) error {
 	return err
 }
 
-// freePort reserves a loopback port of the transport's protocol and
-// returns it as host:port, free again.
-func freePort(t *testing.T, transport string) string {
-	t.Helper()
-	if transport == "quic" {
-		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer pc.Close()
-		return pc.LocalAddr().String()
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
 
 // rotateCert issues a new certificate and key for host with the same CA
 // and names, moves them over the files migtun serve uses (the key first),
