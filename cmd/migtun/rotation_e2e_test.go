@@ -282,7 +282,6 @@ func sendOne(path string, b []byte) error {
 	return err
 }
 
-
 // rotateCert issues a new certificate and key for host with the same CA
 // and names, moves them over the files migtun serve uses (the key first),
 // and returns the new certificate.
