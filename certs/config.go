@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"math"
 	"net"
 	"slices"
 	"strings"
@@ -17,9 +18,10 @@ import (
 // server's certificate was rotated are not accepted.
 //
 // Each handshake runs on its own copy, which GetConfigForClient returns; a
-// caller that changes the config should change what that returns too.
-// Each returned config has its own session ticket keys; reuse one config per
-// listener rather than calling ServerConfig per connection.
+// caller that changes the config should change what that returns too (a
+// handshake that bypasses it issues tickets that are never resumed).
+// Tickets are encrypted with keys of the returned config, shared by every
+// listener built from it; call ServerConfig once, not per connection.
 func (s *Store) ServerConfig(alpn []string) *tls.Config {
 	cfg := &tls.Config{
 		MinVersion:       tls.VersionTLS13,
@@ -33,11 +35,23 @@ func (s *Store) ServerConfig(alpn []string) *tls.Config {
 			return cert, nil
 		},
 	}
+	// Used only by handshakes that bypass GetConfigForClient.
+	cfg.WrapSession = func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
+		return s.wrapTicket(cfg, cs, ss, noGeneration)
+	}
+	cfg.UnwrapSession = func(identity []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
+		ss, _, err := s.unwrapTicket(cfg, identity, cs)
+		return ss, err
+	}
 	cfg.GetConfigForClient = func(*tls.ClientHelloInfo) (*tls.Config, error) {
 		return s.handshakeConfig(cfg), nil
 	}
 	return cfg
 }
+
+// noGeneration marks a ticket whose certificate is not known: it is never
+// resumed.
+const noGeneration = math.MaxUint64
 
 // handshakeConfig is the configuration of one incoming handshake. It
 // remembers the generation of the certificate the handshake presents, or
@@ -50,28 +64,45 @@ func (s *Store) handshakeConfig(base *tls.Config) *tls.Config {
 	cfg := base.Clone()
 	cfg.GetConfigForClient = nil
 	var gen atomic.Uint64
+	gen.Store(noGeneration)
 	cfg.GetCertificate = func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 		cert, g := s.current()
 		gen.Store(g)
 		return cert, nil
 	}
 	cfg.WrapSession = func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
-		ss.Extra = append(ss.Extra, genExtra(gen.Load()))
-		return base.EncryptTicket(cs, ss)
+		return s.wrapTicket(base, cs, ss, gen.Load())
 	}
 	cfg.UnwrapSession = func(identity []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
-		ss, err := base.DecryptTicket(identity, cs)
-		if err != nil || ss == nil {
-			return ss, err
+		ss, g, err := s.unwrapTicket(base, identity, cs)
+		if ss != nil {
+			gen.Store(g)
 		}
-		g, ok := extraGen(ss.Extra)
-		if !ok || g != s.generation() {
-			return nil, nil // full handshake
-		}
-		gen.Store(g)
-		return ss, nil
+		return ss, err
 	}
 	return cfg
+}
+
+// wrapTicket marks a session ticket with the generation of the certificate
+// its handshake presented and encrypts it with keys's ticket keys.
+func (s *Store) wrapTicket(keys *tls.Config, cs tls.ConnectionState, ss *tls.SessionState, gen uint64) ([]byte, error) {
+	ss.Extra = append(ss.Extra, genExtra(gen))
+	return keys.EncryptTicket(cs, ss)
+}
+
+// unwrapTicket decrypts a session ticket with keys's ticket keys and
+// returns it with its generation if it was issued with the current
+// certificate; otherwise nil, for a full handshake.
+func (s *Store) unwrapTicket(keys *tls.Config, identity []byte, cs tls.ConnectionState) (*tls.SessionState, uint64, error) {
+	ss, err := keys.DecryptTicket(identity, cs)
+	if err != nil || ss == nil {
+		return ss, 0, err
+	}
+	g, ok := extraGen(ss.Extra)
+	if !ok || g != s.generation() {
+		return nil, 0, nil
+	}
+	return ss, g, nil
 }
 
 // ClientConfig returns a TLS 1.3 client configuration that verifies the
@@ -84,6 +115,8 @@ func (s *Store) handshakeConfig(base *tls.Config) *tls.Config {
 //
 // Call it for each connection: the config remembers which certificate its
 // handshake presented, to file the connection's session ticket under it.
+// Connections that share a config at the same time may file their tickets
+// under each other's certificates.
 func (s *Store) ClientConfig(serverName string, alpn []string) *tls.Config {
 	if host, _, err := net.SplitHostPort(serverName); err == nil {
 		serverName = host

@@ -125,6 +125,10 @@ func TestResumption(t *testing.T) {
 	if PeerName(ss) != "client" || PeerName(cs) != "server" {
 		t.Errorf("resumed peers: server sees %q, client sees %q", PeerName(ss), PeerName(cs))
 	}
+	// The ticket a resumed connection gets resumes too.
+	if _, cs := mustDial(t, srv, client.ClientConfig("server", alpn)); !cs.DidResume {
+		t.Error("third connection, on the ticket of a resumed one: not resumed")
+	}
 }
 
 func TestOtherCARefused(t *testing.T) {
@@ -269,6 +273,58 @@ func TestRotationDuringHandshake(t *testing.T) {
 		ss, cs := mustDial(t, srv, client.ClientConfig("server", alpn))
 		if cs.DidResume || PeerName(ss) != "client2" {
 			t.Errorf("after the client's rotation: resumed %v, server sees %q, want a full handshake showing client2", cs.DidResume, PeerName(ss))
+		}
+	})
+	t.Run("client-resumed", func(t *testing.T) {
+		dir := newCA(t)
+		server := newHost(t, dir, "server", nil)
+		client := newHost(t, dir, "client", nil)
+		srv := server.ServerConfig(alpn)
+		mustDial(t, srv, client.ClientConfig("server", alpn))
+		s, c := dialThen(t, srv, client.ClientConfig("server", alpn), func() {
+			replace(t, dir, "client", "client2", nil)
+			if err := client.Refresh(); err != nil {
+				t.Fatal(err)
+			}
+		})
+		if s.err != nil || c.err != nil || !c.state.DidResume {
+			t.Fatalf("second connection: server %v, client %v, resumed %v", s.err, c.err, c.state.DidResume)
+		}
+		ss, cs := mustDial(t, srv, client.ClientConfig("server", alpn))
+		if cs.DidResume || PeerName(ss) != "client2" {
+			t.Errorf("after the client's rotation: resumed %v, server sees %q, want a full handshake showing client2", cs.DidResume, PeerName(ss))
+		}
+	})
+	t.Run("server-resumed", func(t *testing.T) {
+		dir := newCA(t)
+		server := newHost(t, dir, "server", []string{"srv.example"})
+		client := newHost(t, dir, "client", nil)
+		srv := server.ServerConfig(alpn)
+		get, handshakes := srv.GetConfigForClient, 0
+		// The second handshake resumes; the rotation comes right after its
+		// ticket was accepted, before it issues a new one.
+		srv.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+			h, err := get(hello)
+			if handshakes++; handshakes == 2 {
+				unwrap := h.UnwrapSession
+				h.UnwrapSession = func(identity []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
+					ss, err := unwrap(identity, cs)
+					replace(t, dir, "server", "server2", []string{"srv.example"})
+					if rerr := server.Refresh(); rerr != nil {
+						return nil, rerr
+					}
+					return ss, err
+				}
+			}
+			return h, err
+		}
+		mustDial(t, srv, client.ClientConfig("srv.example", alpn))
+		if _, cs := mustDial(t, srv, client.ClientConfig("srv.example", alpn)); !cs.DidResume {
+			t.Fatal("second connection not resumed")
+		}
+		_, cs := mustDial(t, srv, client.ClientConfig("srv.example", alpn))
+		if cs.DidResume || PeerName(cs) != "server2" {
+			t.Errorf("after the server's rotation: resumed %v, client sees %q, want a full handshake showing server2", cs.DidResume, PeerName(cs))
 		}
 	})
 	t.Run("server", func(t *testing.T) {

@@ -338,15 +338,16 @@ func (c *connCache) Get(key string) (*tls.ClientSessionState, bool) {
 	return c.store.cache.Get(genKey(gen, key))
 }
 
-// Put implements tls.ClientSessionCache.
+// Put implements tls.ClientSessionCache. A ticket whose certificate is not
+// known (crypto/tls always calls Get or GetClientCertificate first) is
+// dropped rather than filed under a guess.
 func (c *connCache) Put(key string, cs *tls.ClientSessionState) {
 	c.mu.Lock()
 	gen, known := c.gen, c.known
 	c.mu.Unlock()
-	if !known {
-		gen = c.store.generation()
+	if known {
+		c.store.cache.Put(genKey(gen, key), cs)
 	}
-	c.store.cache.Put(genKey(gen, key), cs)
 }
 
 // genKey prefixes a cache key with a generation.
