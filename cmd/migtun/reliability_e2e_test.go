@@ -182,12 +182,14 @@ func TestReliabilitySourceKilled(t *testing.T) {
 // source forwarding a local socket to it, with static routes.
 type relForwardHosts struct {
 	dir, fwd, dstIn string
+	ca              string // the PKI directory: ca.crt, src.crt, src.key, …
 	src, dst        *relProc
 }
 
 func newRelForwardHosts(t *testing.T, transport string, dstExtra ...string) *relForwardHosts {
 	h := &relForwardHosts{dir: shortTempDir(t)}
 	ca := pki(t, "src", "dst")
+	h.ca = ca
 	h.dstIn, h.fwd = filepath.Join(h.dir, "in.sock"), filepath.Join(h.dir, "fwd.sock")
 	var extra []string
 	if transport == "plain" {
@@ -238,31 +240,7 @@ func TestReliabilityBadConnections(t *testing.T) {
 	for _, transport := range []string{"tls", "plain"} {
 		t.Run(transport, func(t *testing.T) {
 			h := newRelForwardHosts(t, transport, "--handshake-timeout", deadline.String())
-			sk := newSink(t, h.dstIn, 0)
-			// The stream in flight: 64 MiB of random bytes, at most 16 MiB/s
-			// so that it outlasts the attack.
-			const size = 64 << 20
-			data := make([]byte, size)
-			rand.Read(data)
-			want := sha256.Sum256(data)
-			c, err := net.Dial("unix", h.fwd)
-			if err != nil {
-				t.Fatal(err)
-			}
-			sent := make(chan error, 1)
-			go func() {
-				for off := 0; off < size; off += 1 << 20 {
-					if _, err := c.Write(data[off : off+1<<20]); err != nil {
-						sent <- err
-						return
-					}
-					time.Sleep(60 * time.Millisecond)
-				}
-				sent <- c.(*net.UnixConn).CloseWrite()
-			}()
-			for sk.read.Load() < 1<<20 {
-				time.Sleep(10 * time.Millisecond)
-			}
+			inFlight := sendInFlight(t, h)
 
 			type result struct {
 				kind string
@@ -314,20 +292,55 @@ func TestReliabilityBadConnections(t *testing.T) {
 			for _, k := range kinds {
 				t.Logf("%-27s %d connections, all closed by the server, the last after %v", k.name, each, worst[k.name].Round(time.Millisecond))
 			}
-			if err := <-sent; err != nil {
-				t.Fatalf("sending the stream in flight: %v", err)
-			}
-			select {
-			case e := <-sk.ends:
-				if e.err != nil || e.n != size || e.sum != want {
-					t.Fatalf("stream in flight: %d of %d bytes, sha256 match %v, err %v", e.n, size, e.sum == want, e.err)
-				}
-			case <-time.After(time.Minute):
-				t.Fatal("the stream in flight did not end")
-			}
-			c.Close()
-			t.Logf("stream in flight: %d MiB arrived whole (sha256 checked)", size>>20)
+			inFlight()
 		})
+	}
+}
+
+// sendInFlight starts the stream in flight of the bad-connection tests:
+// 64 MiB of random bytes into h's forward, at most 16 MiB/s so that it
+// outlasts the attack. It returns once 1 MiB arrived; the function it
+// returns checks that every byte did.
+func sendInFlight(t *testing.T, h *relForwardHosts) (check func()) {
+	t.Helper()
+	sk := newSink(t, h.dstIn, 0)
+	const size = 64 << 20
+	data := make([]byte, size)
+	rand.Read(data)
+	want := sha256.Sum256(data)
+	c, err := net.Dial("unix", h.fwd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() }) // ends the writer if the test fails first
+	sent := make(chan error, 1)
+	go func() { // ends with the write
+		for off := 0; off < size; off += 1 << 20 {
+			if _, err := c.Write(data[off : off+1<<20]); err != nil {
+				sent <- err
+				return
+			}
+			time.Sleep(60 * time.Millisecond)
+		}
+		sent <- c.(*net.UnixConn).CloseWrite()
+	}()
+	for sk.read.Load() < 1<<20 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	return func() {
+		t.Helper()
+		if err := <-sent; err != nil {
+			t.Fatalf("sending the stream in flight: %v", err)
+		}
+		select {
+		case e := <-sk.ends:
+			if e.err != nil || e.n != size || e.sum != want {
+				t.Fatalf("stream in flight: %d of %d bytes, sha256 match %v, err %v", e.n, size, e.sum == want, e.err)
+			}
+		case <-time.After(time.Minute):
+			t.Fatal("the stream in flight did not end")
+		}
+		t.Logf("stream in flight: %d MiB arrived whole (sha256 checked)", size>>20)
 	}
 }
 

@@ -62,7 +62,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	fs.Var(&allowPeers, "allow-peer", "accept only peers whose certificate names this (\"*.suffix\" allowed; repeatable; default: any peer with a certificate from the CA)")
 	plaintext := fs.Bool("insecure-plaintext", false, "allow the plain transport: stream bytes cross the network unencrypted (peers are still authenticated)")
 	dialTimeout := fs.Duration("dial-timeout", tunnel.DefaultDialTimeout, "bound on connecting to a peer or to a local route")
-	handshakeTimeout := fs.Duration("handshake-timeout", tunnel.DefaultHandshakeTimeout, "bound on an incoming stream's handshake and header")
+	handshakeTimeout := fs.Duration("handshake-timeout", tunnel.DefaultHandshakeTimeout, "bound on an incoming stream's handshake and header (quic: the handshake's idle timeout; at most twice it in all)")
 	idleTimeout := fs.Duration("idle-timeout", tunnel.DefaultIdleTimeout, "a QUIC peer silent this long is declared dead; TCP connections probe a peer silent this long (keepalive) and give up after three probes")
 	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long streams in flight may go on before they are aborted")
 	control := fs.String("control", "", "the local control endpoint, a UNIX socket (mode 0600): unix:PATH (default: none)")
