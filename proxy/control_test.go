@@ -20,6 +20,7 @@ func FuzzReadMessage(f *testing.F) {
 		{Op: opVMFinish, Session: "0123456789abcdef0123456789abcdef", VM: "vm1", Resume: true},
 		{Op: opVMRecover, Session: "0123456789abcdef0123456789abcdef", VM: "vm1"},
 		{Op: opVMAbort, Session: "0123456789abcdef0123456789abcdef", VM: "vm1", Reason: "cancelled"},
+		{Op: opAbort, Session: "0123456789abcdef0123456789abcdef", Token: "t", Reason: "no stream for 2m0s", Expired: true},
 	} {
 		buf.Reset()
 		writeMessage(&buf, req)
