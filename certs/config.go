@@ -37,7 +37,7 @@ func (s *Store) ServerConfig(alpn []string) *tls.Config {
 	}
 	// Used only by handshakes that bypass GetConfigForClient.
 	cfg.WrapSession = func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
-		return s.wrapTicket(cfg, cs, ss, noGeneration)
+		return wrapTicket(cfg, cs, ss, noGeneration)
 	}
 	cfg.UnwrapSession = func(identity []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
 		ss, _, err := s.unwrapTicket(cfg, identity, cs)
@@ -71,7 +71,7 @@ func (s *Store) handshakeConfig(base *tls.Config) *tls.Config {
 		return cert, nil
 	}
 	cfg.WrapSession = func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
-		return s.wrapTicket(base, cs, ss, gen.Load())
+		return wrapTicket(base, cs, ss, gen.Load())
 	}
 	cfg.UnwrapSession = func(identity []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
 		ss, g, err := s.unwrapTicket(base, identity, cs)
@@ -85,7 +85,7 @@ func (s *Store) handshakeConfig(base *tls.Config) *tls.Config {
 
 // wrapTicket marks a session ticket with the generation of the certificate
 // its handshake presented and encrypts it with keys's ticket keys.
-func (s *Store) wrapTicket(keys *tls.Config, cs tls.ConnectionState, ss *tls.SessionState, gen uint64) ([]byte, error) {
+func wrapTicket(keys *tls.Config, cs tls.ConnectionState, ss *tls.SessionState, gen uint64) ([]byte, error) {
 	ss.Extra = append(ss.Extra, genExtra(gen))
 	return keys.EncryptTicket(cs, ss)
 }
