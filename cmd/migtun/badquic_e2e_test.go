@@ -30,11 +30,11 @@ import (
 func TestReliabilityBadQUIC(t *testing.T) {
 	const deadline = 2 * time.Second
 	h := newRelForwardHosts(t, "quic", "--handshake-timeout", deadline.String())
-	peer := quicPeerTLS(t, h.ca, "src")
+	peer := peerTLS(t, h.ca, "src")
 	if out, err := migtun(t, "certs", "issue", "--dir", h.ca, "--name", "staller", "--san", "127.0.0.1"); err != nil {
 		t.Fatalf("certs issue: %v\n%s", err, out)
 	}
-	staller := quicPeerTLS(t, h.ca, "staller")
+	staller := peerTLS(t, h.ca, "staller")
 	stranger := peer.Clone()
 	stranger.Certificates = nil
 	addr := h.dst.Addr
@@ -154,9 +154,10 @@ func peerStream(peer *tls.Config, addr string, write func(*quic.Stream)) func(co
 	}
 }
 
-// quicPeerTLS is a QUIC client configuration presenting host's certificate
-// from the PKI directory ca and trusting its CA.
-func quicPeerTLS(t *testing.T, ca, host string) *tls.Config {
+// peerTLS is a client configuration for migtun's port (TLS or QUIC)
+// presenting host's certificate from the PKI directory ca and trusting its
+// CA.
+func peerTLS(t *testing.T, ca, host string) *tls.Config {
 	t.Helper()
 	cert, err := tls.LoadX509KeyPair(filepath.Join(ca, host+".crt"), filepath.Join(ca, host+".key"))
 	if err != nil {

@@ -21,8 +21,6 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
-
-	"github.com/migtun/migtun/tunnel"
 )
 
 // TestReliabilityCertRotation replaces both hosts' certificate and key
@@ -183,7 +181,7 @@ func testCertRotation(t *testing.T, transport string) {
 
 	// Once reloaded, the destination presents its new certificate to a new
 	// connection.
-	if got, err := probeServerSerial(ca, transport, dst.Addr); err != nil || got != dstSerial {
+	if got, err := probeServerSerial(t, ca, transport, dst.Addr); err != nil || got != dstSerial {
 		t.Fatalf("after the reload a new connection to the destination is served serial %s (%v), want %s", got, err, dstSerial)
 	}
 
@@ -326,19 +324,8 @@ func rotateCert(t *testing.T, caDir, host string) *x509.Certificate {
 // probeServerSerial makes a new connection to a migtun port as the source
 // host (its current files) and returns the serial of the certificate the
 // server presented.
-func probeServerSerial(caDir, transport, addr string) (string, error) {
-	cert, err := tls.LoadX509KeyPair(filepath.Join(caDir, "src.crt"), filepath.Join(caDir, "src.key"))
-	if err != nil {
-		return "", err
-	}
-	caPEM, err := os.ReadFile(filepath.Join(caDir, "ca.crt"))
-	if err != nil {
-		return "", err
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(caPEM)
-	cfg := &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, ServerName: "127.0.0.1",
-		MinVersion: tls.VersionTLS13, NextProtos: []string{tunnel.ALPN}}
+func probeServerSerial(t *testing.T, caDir, transport, addr string) (string, error) {
+	cfg := peerTLS(t, caDir, "src")
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	var cs tls.ConnectionState
