@@ -19,8 +19,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/migtun/migtun/control"
 	"github.com/migtun/migtun/internal/leaktest"
-	"github.com/migtun/migtun/proxy"
 	"github.com/migtun/migtun/tunnel"
 )
 
@@ -91,12 +91,12 @@ func TestLoadConcurrentSessions(t *testing.T) {
 				tr, sessions, size>>20, took.Round(time.Millisecond), float64(total)/(1<<20)/took.Seconds(),
 				peakHeap.Load()>>20, max(peakRSS.Load(), selfStatus(t, "VmHWM"))>>20)
 			for _, s := range h.src.Sessions() {
-				if s.State != proxy.StateFinished {
+				if s.State != control.StateFinished {
 					t.Errorf("source session %s is %s (%s)", s.ID, s.State, s.Error)
 				}
 			}
 			for _, s := range h.dst.Sessions() {
-				if s.State != proxy.StateFinished {
+				if s.State != control.StateFinished {
 					t.Errorf("destination session %s is %s (%s)", s.ID, s.State, s.Error)
 				}
 			}
@@ -117,7 +117,7 @@ func loadSession(h *sessHosts, size int) error {
 	// under -race on two busy cores takes minutes.
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
-	info, err := h.src.Prepare(ctx, proxy.PrepareRequest{Peer: h.dst.Addr().String(), Channels: []string{"main"}})
+	info, err := h.src.Prepare(ctx, control.PrepareRequest{Peer: h.dst.Addr().String(), Channels: []string{"main"}})
 	if err != nil {
 		return fmt.Errorf("prepare: %w", err)
 	}
