@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"net"
@@ -61,7 +62,12 @@ func (f *forwarder) acceptLoop() {
 				continue
 			}
 		}
-		stream, err := s.dialer.Open(s.ctx, f.Peer, h)
+		ctx, cancel := s.ctx, context.CancelFunc(func() {})
+		if f.sess != nil {
+			ctx, cancel = f.sess.within(s.ctx)
+		}
+		stream, err := s.dialer.Open(ctx, f.Peer, h)
+		cancel()
 		if err != nil {
 			// Closing the local connection at once tells QEMU the channel
 			// failed; the error names the reason the peer gave.

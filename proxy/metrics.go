@@ -133,6 +133,8 @@ var (
 		"Bytes of a disk the mirror has to copy, by session and disk node.", []string{"session", "disk"}, nil)
 	descCertExpiry = prometheus.NewDesc(metricsNamespace+"_certificate_expiry_timestamp_seconds",
 		"When the certificate this host presents expires, as Unix time.", nil, nil)
+	descConnecting = prometheus.NewDesc(metricsNamespace+"_streams_connecting",
+		"Incoming streams not yet connected to their route: waiting for the earlier streams of their session's channel, or for the local connect.", nil, nil)
 	descControlInFlight = prometheus.NewDesc(metricsNamespace+"_control_requests_in_flight",
 		"Peers' control requests being served now.", nil, nil)
 	descCertReloadFailed = prometheus.NewDesc(metricsNamespace+"_certificate_reload_failed",
@@ -144,7 +146,7 @@ var (
 type stateCollector struct{ s *Server }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descBytes, descActive, descSessions, descControlInFlight, descSessionBytes, descSessionRate,
+	for _, d := range []*prometheus.Desc{descBytes, descActive, descSessions, descControlInFlight, descConnecting, descSessionBytes, descSessionRate,
 		descRAMRemaining, descRAMTransferred, descDirtyRate, descMirrorDone, descMirrorTotal,
 		descCertExpiry, descCertReloadFailed} {
 		ch <- d
@@ -193,6 +195,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	ch <- prometheus.MustNewConstMetric(descControlInFlight, prometheus.GaugeValue, float64(s.inflight.count()))
+	ch <- prometheus.MustNewConstMetric(descConnecting, prometheus.GaugeValue, float64(s.connecting.Load()))
 	open := s.sessions.all()
 	ch <- prometheus.MustNewConstMetric(descSessions, prometheus.GaugeValue, float64(len(open)))
 	for _, sess := range open {

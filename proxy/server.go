@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/migtun/migtun/control"
@@ -95,9 +96,10 @@ type Server struct {
 	warnLimit rateLimit
 	metrics   *metrics
 
-	port     *tunnel.Listener
-	forwards []*forwarder
-	order    ordering
+	port       *tunnel.Listener
+	forwards   []*forwarder
+	order      ordering
+	connecting atomic.Int64 // incoming streams waiting for their turn or their local connect
 
 	ctx    context.Context // cancelled when the server stops accepting
 	cancel context.CancelFunc
@@ -390,7 +392,9 @@ func (s *Server) acceptStreams() {
 		}
 		key := orderKey{session: in.Header.Session, channel: in.Header.Channel}
 		prev, done := s.order.next(key)
+		s.connecting.Add(1)
 		s.wg.Go(func() {
+			defer s.connecting.Add(-1)
 			defer s.order.finish(key, done)
 			<-prev
 			s.deliver(in)
@@ -487,7 +491,12 @@ func (s *Server) deliver(in *tunnel.Incoming) {
 			return
 		}
 	}
-	local, err := target.Dial(s.ctx, s.cfg.DialTimeout)
+	ctx, cancel := s.ctx, context.CancelFunc(func() {})
+	if r.sess != nil {
+		ctx, cancel = r.sess.within(s.ctx)
+	}
+	local, err := target.Dial(ctx, s.cfg.DialTimeout)
+	cancel()
 	if err != nil {
 		// The peer learns that the local connect failed, not where to.
 		log.Warn("route target unreachable", slog.String("target", targetString(target)), slog.String("err", err.Error()))

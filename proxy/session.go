@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/subtle"
 	"encoding/hex"
@@ -43,6 +44,10 @@ type session struct {
 	// the session ends.
 	idle chan struct{}
 	done chan struct{}
+	// ctx is cancelled when the session ends: what is being opened or
+	// connected for it gives up.
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	mu       sync.Mutex
 	streams  int // opened so far
@@ -73,6 +78,7 @@ func newSession(role control.Role, peer string, ttl time.Duration, maxStreams in
 	s := &session{role: role, peer: peer, created: time.Now(), ttl: ttl, state: control.StatePrepared, maxStreams: maxStreams,
 		byName: make(map[string]*sessionChannel), relays: make(map[*activeRelay]struct{}),
 		idle: make(chan struct{}, 1), done: make(chan struct{})}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.expires = s.created.Add(ttl)
 	if _, err := rand.Read(s.id[:]); err != nil {
 		return nil, err
@@ -90,6 +96,14 @@ func (s *session) tokenString() string { return hex.EncodeToString(s.token[:]) }
 func (s *session) addChannel(c *sessionChannel) {
 	s.order = append(s.order, c)
 	s.byName[c.name] = c
+}
+
+// within returns a context that ends when parent or the session does,
+// and its cancel.
+func (s *session) within(parent context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(parent)
+	stop := context.AfterFunc(s.ctx, cancel)
+	return ctx, func() { stop(); cancel() }
 }
 
 // checkToken compares t with the session's token in constant time.
@@ -205,6 +219,7 @@ func (s *session) setState(st control.State, err string) bool {
 	s.expires = time.Time{}
 	if st.Ended() {
 		close(s.done)
+		s.cancel()
 	}
 	return true
 }

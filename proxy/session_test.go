@@ -46,6 +46,18 @@ func newSessHosts(t *testing.T, tr tunnel.Transport, ttl time.Duration) *sessHos
 // newSessHostsTTL is newSessHosts with a session TTL for each host.
 func newSessHostsTTL(t *testing.T, tr tunnel.Transport, srcTTL, dstTTL time.Duration) *sessHosts {
 	t.Helper()
+	return newSessHostsConfig(t, tr, srcTTL, dstTTL, 0)
+}
+
+// newSessHostsDial is newSessHosts whose destination dials its route
+// targets for up to dial.
+func newSessHostsDial(t *testing.T, tr tunnel.Transport, ttl, dial time.Duration) *sessHosts {
+	t.Helper()
+	return newSessHostsConfig(t, tr, ttl, ttl, dial)
+}
+
+func newSessHostsConfig(t *testing.T, tr tunnel.Transport, srcTTL, dstTTL, dial time.Duration) *sessHosts {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "ps")
 	if err != nil {
 		t.Fatal(err)
@@ -55,7 +67,7 @@ func newSessHostsTTL(t *testing.T, tr tunnel.Transport, srcTTL, dstTTL time.Dura
 	ca := testpki.NewCA(t)
 	dst := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "dst"), tr),
 		Routes: []proxy.Route{{Channel: "main", Target: endpoint.Endpoint{Network: "unix", Address: echo}}}, SessionTTL: dstTTL,
-		FinishGrace: 2 * time.Second})
+		FinishGrace: 2 * time.Second, DialTimeout: dial})
 	h := &sessHosts{dst: dst, ca: ca, transport: tr, sockDir: filepath.Join(dir, "socks")}
 	src := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "src"), tr),
 		SocketDir: h.sockDir, SessionTTL: srcTTL, FinishGrace: 2 * time.Second})
