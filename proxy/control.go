@@ -26,6 +26,10 @@ const (
 	maxControlBody = 64 << 10
 	// controlTimeout bounds one control exchange.
 	controlTimeout = 30 * time.Second
+	// handleTimeout bounds the destination's handling of a request; it
+	// stays below controlTimeout, so even the answer "timed out" reaches
+	// the source.
+	handleTimeout = controlTimeout - 5*time.Second
 )
 
 // Control operations. The VM operations (vm-prepare, vm-finish, …) are
@@ -40,7 +44,7 @@ const (
 
 // peerNoticeTimeout bounds a notice to the peer whose answer does not
 // matter (an abort, an expiry).
-const peerNoticeTimeout = 5 * time.Second
+const peerNoticeTimeout = 3 * time.Second
 
 // controlRequest is what a source asks of its peer.
 type controlRequest struct {

@@ -98,9 +98,9 @@ func (s *Server) serveControl(in *tunnel.Incoming) {
 		log.Warn("control request refused", "err", err.Error())
 		resp = controlResponse{Error: err.Error(), Code: control.CodeBadRequest}
 	} else {
-		// The request is bounded by controlTimeout and ends when the
+		// The request is bounded by handleTimeout and ends when the
 		// server stops.
-		ctx, cancel := context.WithTimeout(s.ctx, controlTimeout)
+		ctx, cancel := context.WithTimeout(s.ctx, handleTimeout)
 		resp = s.handlePeer(ctx, in.Peer, req)
 		cancel()
 		if resp.Error != "" {
