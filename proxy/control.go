@@ -151,7 +151,7 @@ func parseToken(s string) (tunnel.Token, error) {
 func (s *Server) callPeer(ctx context.Context, addr string, req controlRequest) (*controlResponse, error) {
 	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
 	defer cancel()
-	st, err := s.dialer.Open(ctx, addr, tunnel.Header{Kind: tunnel.KindControl, Channel: controlChannel})
+	st, err := s.openControl(ctx, addr)
 	if err != nil {
 		return nil, &control.Error{Code: openCode(ctx, err), Message: fmt.Sprintf("peer %s: %v", addr, err), Peer: addr}
 	}
@@ -180,6 +180,28 @@ func (s *Server) callPeer(ctx context.Context, addr string, req controlRequest) 
 		return &resp, &control.Error{Code: code, Message: fmt.Sprintf("peer %s refused %s: %s", addr, req.Op, resp.Error), Peer: addr}
 	}
 	return &resp, nil
+}
+
+// openControl opens a control stream to the peer. A peer with too many of
+// this host's requests in flight refuses the stream before reading
+// anything, so it is opened again, with backoff, until ctx ends; the last
+// refusal is returned then.
+func (s *Server) openControl(ctx context.Context, addr string) (tunnel.Stream, error) {
+	backoff := 20 * time.Millisecond
+	for {
+		st, err := s.dialer.Open(ctx, addr, tunnel.Header{Kind: tunnel.KindControl, Channel: controlChannel})
+		if err == nil || tunnel.ReasonOf(err) != tunnel.ReasonLimit {
+			return st, err
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, err
+		case <-t.C:
+		}
+		backoff = min(2*backoff, time.Second)
+	}
 }
 
 // openCode classifies a failure to open a control stream to the peer.

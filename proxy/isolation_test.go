@@ -209,8 +209,9 @@ func TestHungVMCostsOnlyItsSession(t *testing.T) {
 }
 
 // TestControlRequestsBounded: past the per-peer bound a control request
-// is refused at once with the limit code and counted, and the peer's
-// requests are served again once those in flight end.
+// is refused at once and counted; the source tries again until its
+// context ends, then reports code limit; the peer's requests are served
+// again once those in flight end.
 func TestControlRequestsBounded(t *testing.T) {
 	leaktest.Check(t)
 	vms := &blockingVMs{release: make(chan struct{})}
@@ -230,12 +231,16 @@ func TestControlRequestsBounded(t *testing.T) {
 		wg.Go(func() { src.VMCall(ctx, id, "prepare", json.RawMessage(`{"vm":"stuck"}`)) })
 	}
 	waitFor(t, "two hung VM operations", func() bool { return vms.inFlight() == 2 })
-	_, err := src.VMCall(ctx, ids[2], "prepare", json.RawMessage(`{"vm":"ok"}`))
+	// The source tries again while the peer refuses; given a second, it
+	// reports the refusal.
+	short, cancel := context.WithTimeout(ctx, time.Second)
+	_, err := src.VMCall(short, ids[2], "prepare", json.RawMessage(`{"vm":"ok"}`))
+	cancel()
 	if !errors.Is(err, control.ErrLimit) {
 		t.Fatalf("a third request of the peer: %v, want code limit", err)
 	}
-	if n := metricValue(t, dst, "migtun_control_requests_refused_total", `scope="peer"`); n != 1 {
-		t.Errorf("migtun_control_requests_refused_total{scope=peer} = %v, want 1", n)
+	if n := metricValue(t, dst, "migtun_control_requests_refused_total", `scope="peer"`); n < 1 {
+		t.Errorf("migtun_control_requests_refused_total{scope=peer} = %v, want at least 1", n)
 	}
 	close(vms.release)
 	wg.Wait()

@@ -66,7 +66,7 @@ func newSessHostsConfig(t *testing.T, tr tunnel.Transport, srcTTL, dstTTL, dial 
 	echo := sessEcho(t, filepath.Join(dir, "echo.sock"))
 	ca := testpki.NewCA(t)
 	dst := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "dst"), tr),
-		Routes: []proxy.Route{{Channel: "main", Target: endpoint.Endpoint{Network: "unix", Address: echo}}}, SessionTTL: dstTTL,
+		Routes: []proxy.Route{{Channel: "main", Target: endpoint.Unix(echo)}, {Channel: "nbd", Target: endpoint.Unix(echo)}}, SessionTTL: dstTTL,
 		FinishGrace: 2 * time.Second, DialTimeout: dial})
 	h := &sessHosts{dst: dst, ca: ca, transport: tr, sockDir: filepath.Join(dir, "socks")}
 	src := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "src"), tr),
