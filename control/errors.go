@@ -18,6 +18,12 @@ const (
 	CodeBadRequest Code = "bad_request"
 	// CodeNotFound: no such session, route or VM (or it has ended).
 	CodeNotFound Code = "not_found"
+	// CodeUnauthorized: the request lacks the control endpoint's token.
+	CodeUnauthorized Code = "unauthorized"
+	// CodeForbidden: the peer may not do this (a VM bound to other peers).
+	CodeForbidden Code = "forbidden"
+	// CodeUnsupported: a request body that is not JSON.
+	CodeUnsupported Code = "unsupported_media_type"
 	// CodeLimit: a limit was reached (sessions, requests in flight).
 	CodeLimit Code = "limit"
 	// CodeBusy: the VM is busy with another migration or operation.
@@ -43,6 +49,12 @@ func (c Code) Status() int {
 		return http.StatusBadRequest
 	case CodeNotFound:
 		return http.StatusNotFound
+	case CodeUnauthorized:
+		return http.StatusUnauthorized
+	case CodeForbidden:
+		return http.StatusForbidden
+	case CodeUnsupported:
+		return http.StatusUnsupportedMediaType
 	case CodeLimit:
 		return http.StatusTooManyRequests
 	case CodeBusy, CodeNotPrepared:
@@ -104,6 +116,8 @@ func CodeOf(err error) Code {
 var (
 	ErrBadRequest   = &Error{Code: CodeBadRequest}
 	ErrNotFound     = &Error{Code: CodeNotFound}
+	ErrUnauthorized = &Error{Code: CodeUnauthorized}
+	ErrForbidden    = &Error{Code: CodeForbidden}
 	ErrLimit        = &Error{Code: CodeLimit}
 	ErrBusy         = &Error{Code: CodeBusy}
 	ErrNotPrepared  = &Error{Code: CodeNotPrepared}

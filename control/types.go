@@ -36,8 +36,8 @@ type PrepareRequest struct {
 	Peer string `json:"peer"`
 	// Channels are the channels the migration needs, e.g. main and nbd.
 	Channels []string `json:"channels"`
-	// Listen is "unix" (default: sockets under the socket directory) or
-	// "tcp" (127.0.0.1 on an ephemeral port).
+	// Listen is "unix", the default and only kind: the source's sockets
+	// are in its socket directory, which only migtun's user can reach.
 	Listen string `json:"listen,omitempty"`
 }
 

@@ -9,7 +9,6 @@ import (
 	"net"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -22,12 +21,12 @@ import (
 const pollInterval = 50 * time.Millisecond
 
 // Controller is the destination's side of a migration: it drives the VMs
-// registered on this host (serve --qmp NAME=unix:PATH) for the peers' VM
-// operations (see ServeVM). It connects to a VM's QMP socket only for the time
-// of one operation, so another client may use the monitor in between.
+// registered on this host (see registry.go) for the peers' VM operations
+// (see ServeVM). It connects to a VM's QMP socket only for the time of one
+// operation, so another client may use the monitor in between.
 type Controller struct {
-	vms map[string]string // name → QMP socket path
 	log *slog.Logger
+	reg registry
 
 	mu       sync.Mutex
 	incoming map[string]*incoming // by VM name
@@ -57,40 +56,12 @@ type Incoming struct {
 	NBD endpoint.Endpoint
 }
 
-// NewController returns a controller for the VMs given by name and QMP
-// socket path. log may be nil.
-func NewController(vms map[string]string, log *slog.Logger) *Controller {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	return &Controller{vms: maps.Clone(vms), log: log, incoming: make(map[string]*incoming)}
-}
-
-// ParseVM reads a --qmp NAME=unix:PATH flag value.
-func ParseVM(s string) (name, path string, err error) {
-	name, spec, ok := strings.Cut(s, "=")
-	if !ok || name == "" {
-		return "", "", fmt.Errorf("%q: want NAME=unix:PATH", s)
-	}
-	for _, r := range name {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("._-", r)) {
-			return "", "", fmt.Errorf("%q: a VM name is letters, digits, '.', '_' and '-'", s)
-		}
-	}
-	ep, err := endpoint.ParseUnix(spec)
-	if err != nil {
-		return "", "", fmt.Errorf("%q: the QMP socket: %w", s, err)
-	}
-	return name, ep.Address, nil
-}
-
 // acquire marks vm busy for an operation of session; with prepare set, vm
 // must not be prepared for another session, else it must be prepared for
 // this one.
 func (c *Controller) acquire(vm, session string, prepare bool) (*incoming, error) {
-	if _, ok := c.vms[vm]; !ok {
-		names := slices.Sorted(maps.Keys(c.vms))
-		return nil, control.Errorf(control.CodeNotFound, "unknown VM %q on this host (registered: %s)", vm, strings.Join(names, ", "))
+	if _, err := c.reg.lookup(vm); err != nil {
+		return nil, err
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -122,7 +93,11 @@ func (c *Controller) release(vm string, in *incoming, forget bool) {
 }
 
 func (c *Controller) dial(ctx context.Context, vm string) (*qmp.Client, error) {
-	q, err := qmp.Dial(ctx, c.vms[vm])
+	cfg, err := c.reg.lookup(vm)
+	if err != nil {
+		return nil, err
+	}
+	q, err := qmp.Dial(ctx, cfg.QMP)
 	if err != nil {
 		return nil, control.Errorf(control.CodeVMFailed, "VM %q: connecting to its QMP socket: %w", vm, err)
 	}
@@ -352,7 +327,7 @@ func (c *Controller) abort(ctx context.Context, vm string, st *incoming) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
-	q, err := qmp.Dial(ctx, c.vms[vm])
+	q, err := c.dial(ctx, vm)
 	if err != nil {
 		c.log.Info("abort: the VM's QEMU is gone", "vm", vm, "err", err.Error())
 		return

@@ -33,6 +33,8 @@ type Options struct {
 	// Control is the local migtun's control endpoint: unix:PATH or
 	// tcp:HOST:PORT.
 	Control string
+	// ControlToken is the bearer token of a TCP control endpoint.
+	ControlToken string
 	// Peer is the destination migtun's host:port.
 	Peer string
 	// QMP is the source QEMU's QMP UNIX socket path.
@@ -198,7 +200,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if o.Multifd < 0 || o.Multifd > 255 {
 		return nil, &StepError{StepBegin, fmt.Errorf("multifd %d: want 0 to 255", o.Multifd)}
 	}
-	ctl, err := control.NewClient(o.Control, &control.Options{Timeout: 2 * time.Minute})
+	ctl, err := control.NewClient(o.Control, &control.Options{Timeout: 2 * time.Minute, Token: o.ControlToken})
 	if err != nil {
 		return nil, &StepError{StepBegin, err}
 	}

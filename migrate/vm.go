@@ -1,6 +1,7 @@
 package migrate
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 
@@ -111,11 +112,16 @@ var _ proxy.VMHandler = (*Controller)(nil)
 // implements proxy.VMHandler.
 func (c *Controller) ServeVM(ctx context.Context, op string, sess proxy.VMSession, body json.RawMessage) (any, error) {
 	var req VMRequest
-	if err := json.Unmarshal(body, &req); err != nil {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
 		return nil, control.Errorf(control.CodeBadRequest, "VM %s request: %v", op, err)
 	}
 	if req.VM == "" {
 		return nil, control.Errorf(control.CodeBadRequest, "no VM named")
+	}
+	if _, err := c.reg.allow(req.VM, sess.Peer); err != nil {
+		return nil, err
 	}
 	switch op {
 	case opPrepare:

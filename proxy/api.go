@@ -2,11 +2,16 @@ package proxy
 
 import (
 	"context"
+	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"io"
+	"mime"
 	"net"
 	"net/http"
+	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/migtun/migtun/control"
@@ -105,7 +110,7 @@ func (s *Server) handleProgress(w http.ResponseWriter, r *http.Request) {
 func (s *Server) handleListRoutes(w http.ResponseWriter, r *http.Request) {
 	out := []control.RouteInfo{}
 	for _, rt := range s.Routes() {
-		out = append(out, control.RouteInfo{Channel: rt.Channel, Target: targetString(rt.Target)})
+		out = append(out, control.RouteInfo{Channel: rt.Channel, Target: strings.TrimPrefix(rt.String(), rt.Channel+"=")})
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -121,8 +126,8 @@ func (s *Server) handleSetRoute(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.SetRoute(rt)
-	s.log.Info("route registered", "channel", rt.Channel, "target", targetString(rt.Target))
-	writeJSON(w, http.StatusOK, control.RouteInfo{Channel: rt.Channel, Target: targetString(rt.Target)})
+	s.log.Info("route registered", "route", rt.String())
+	writeJSON(w, http.StatusOK, control.RouteInfo{Channel: rt.Channel, Target: strings.TrimPrefix(rt.String(), rt.Channel+"=")})
 }
 
 func (s *Server) handleDeleteRoute(w http.ResponseWriter, r *http.Request) {
@@ -170,21 +175,70 @@ func writeError(w http.ResponseWriter, err error) {
 	writeJSON(w, e.Code.Status(), e)
 }
 
+// maxRequestTime bounds one request to the control endpoint.
+const maxRequestTime = 10 * time.Minute
+
+// ControlAuth says who may use a control endpoint.
+type ControlAuth struct {
+	// Token, when set, must come as "Authorization: Bearer TOKEN". The TCP
+	// endpoint requires one: anyone on the host can connect to it.
+	Token string
+	// Hosts, when set, are the only Host headers taken (besides "migtun",
+	// the client's own), so that a web page cannot reach the endpoint
+	// through a name it controls (DNS rebinding).
+	Hosts []string
+}
+
 // ServeControl serves the control endpoint on ln until the server stops.
-func (s *Server) ServeControl(ln net.Listener) {
-	s.serveHTTP(ln, s.Handler())
+func (s *Server) ServeControl(ln net.Listener, auth ControlAuth) {
+	s.serveHTTP(ln, guard(s.Handler(), auth))
 }
 
 // ListenControl opens the control endpoint at ep (a UNIX socket path or a
 // TCP address) and serves it. The UNIX socket's mode is what the process
-// umask leaves: migtun serve runs under 077.
-func (s *Server) ListenControl(ep endpoint.Endpoint) (net.Addr, error) {
+// umask leaves: migtun serve runs under 077. A TCP endpoint needs a token.
+func (s *Server) ListenControl(ep endpoint.Endpoint, auth ControlAuth) (net.Addr, error) {
+	if ep.Network == "tcp" && auth.Token == "" {
+		return nil, errors.New("a TCP control endpoint needs a token: anyone on the host could use it")
+	}
 	ln, err := ep.Listen()
 	if err != nil {
 		return nil, err
 	}
-	s.ServeControl(ln)
+	if ta, ok := ln.Addr().(*net.TCPAddr); ok && len(auth.Hosts) == 0 {
+		port := strconv.Itoa(ta.Port)
+		auth.Hosts = []string{ln.Addr().String(), "localhost:" + port, "127.0.0.1:" + port, "[::1]:" + port}
+	}
+	s.ServeControl(ln, auth)
 	return ln.Addr(), nil
+}
+
+// guard checks each request's token, Host and body type before h sees it,
+// and bounds its time.
+func guard(h http.Handler, auth ControlAuth) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if auth.Token != "" {
+			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+			if !ok || subtle.ConstantTimeCompare([]byte(got), []byte(auth.Token)) != 1 {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="migtun"`)
+				writeError(w, control.Errorf(control.CodeUnauthorized, "the control endpoint wants its token: Authorization: Bearer TOKEN (migtun's --control-token-file)"))
+				return
+			}
+		}
+		if len(auth.Hosts) > 0 && r.Host != "migtun" && !slices.Contains(auth.Hosts, r.Host) {
+			writeError(w, control.Errorf(control.CodeBadRequest, "Host %q is not this control endpoint's", r.Host))
+			return
+		}
+		if r.ContentLength != 0 && r.Method != http.MethodGet {
+			if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
+				writeError(w, control.Errorf(control.CodeUnsupported, "request bodies are JSON: send Content-Type: application/json"))
+				return
+			}
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), maxRequestTime)
+		defer cancel()
+		h.ServeHTTP(w, r.WithContext(ctx))
+	})
 }
 
 // ListenMetrics serves /metrics and /healthz alone on a TCP address until

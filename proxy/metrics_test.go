@@ -57,7 +57,7 @@ func metricsPair(t *testing.T) (src, dst *Server, fwd string) {
 		return &tunnel.Config{ServerTLS: h.Server, ClientTLS: h.Client}
 	}
 	dst, err = New(Config{Listen: "127.0.0.1:0", Tunnel: tcfg("dst"), SocketDir: filepath.Join(dir, "d"),
-		Routes: []Route{{Channel: "main", Target: endpoint.Endpoint{Network: "unix", Address: sink}}}})
+		Routes: []Route{{Channel: "main", Target: endpoint.Unix(sink), Sessionless: true}}})
 	if err != nil {
 		t.Fatal(err)
 	}

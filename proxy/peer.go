@@ -175,10 +175,11 @@ func (s *Server) preparePeer(peer string, req controlRequest) controlResponse {
 		return failed(err)
 	}
 	for _, name := range req.Channels {
-		target, ok := s.route(name)
+		rt, ok := s.route(name)
 		if !ok {
 			return failed(control.Errorf(control.CodeNotFound, "no route for channel %q on this host", name))
 		}
+		target := rt.Target
 		if target == SessionSocket {
 			target.Network, target.Address = "unix", s.sessionSocketPath(sess, name)
 		}

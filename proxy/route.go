@@ -13,10 +13,24 @@ import (
 type Route struct {
 	Channel string
 	Target  endpoint.Endpoint
+	// Sessionless lets peers open streams of the channel outside any
+	// session (static forwards). Otherwise only a session's streams, with
+	// its token, reach the target. Spec suffix ",sessionless".
+	Sessionless bool
 }
 
+// sessionlessSuffix marks a route spec whose channel peers may reach
+// without a session.
+const sessionlessSuffix = ",sessionless"
+
 // String returns the route in the form ParseRoute reads.
-func (r Route) String() string { return r.Channel + "=" + targetString(r.Target) }
+func (r Route) String() string {
+	s := r.Channel + "=" + targetString(r.Target)
+	if r.Sessionless {
+		s += sessionlessSuffix
+	}
+	return s
+}
 
 // SessionSocket is the target of a route that delivers each session's
 // streams to a UNIX socket named after the session, in this host's own
@@ -37,23 +51,28 @@ func targetString(ep endpoint.Endpoint) string {
 }
 
 // ParseRoute reads "CHANNEL=unix:PATH", "CHANNEL=tcp:HOST:PORT" or
-// "CHANNEL=session" (see SessionSocket).
+// "CHANNEL=session" (see SessionSocket); ",sessionless" after a path or
+// address sets Sessionless.
 func ParseRoute(s string) (Route, error) {
 	ch, target, ok := strings.Cut(s, "=")
 	if !ok {
 		return Route{}, fmt.Errorf("route %q: want CHANNEL=unix:PATH or CHANNEL=tcp:HOST:PORT", s)
 	}
+	target, sessionless := strings.CutSuffix(target, sessionlessSuffix)
 	if !tunnel.ValidChannel(ch) {
 		return Route{}, fmt.Errorf("route %q: bad channel name %q (1-%d of a-z 0-9 - _ .)", s, ch, tunnel.MaxChannelLen)
 	}
 	if target == "session" {
+		if sessionless {
+			return Route{}, fmt.Errorf("route %q: a session route cannot be sessionless", s)
+		}
 		return Route{Channel: ch, Target: SessionSocket}, nil
 	}
 	ep, err := endpoint.Parse(target)
 	if err != nil {
 		return Route{}, fmt.Errorf("route %q: %w", s, err)
 	}
-	return Route{Channel: ch, Target: ep}, nil
+	return Route{Channel: ch, Target: ep, Sessionless: sessionless}, nil
 }
 
 // Forward is a local listener on the source host whose connections become

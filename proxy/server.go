@@ -45,7 +45,8 @@ type Config struct {
 	// MaxSessions bounds the sessions open at once; default 64.
 	MaxSessions int
 	// MaxPeerSessions bounds the destination sessions one peer may hold
-	// open at once, its share of MaxSessions; default MaxSessions.
+	// open at once, its share of MaxSessions, so that one peer cannot take
+	// them all; default half of MaxSessions.
 	MaxPeerSessions int
 	// MaxControlRequests bounds the peers' control requests served at
 	// once, and MaxPeerControlRequests those of one peer; defaults 256
@@ -89,7 +90,7 @@ type Server struct {
 	dialer *tunnel.Dialer
 
 	routesMu sync.RWMutex
-	routes   map[string]endpoint.Endpoint
+	routes   map[string]Route
 
 	sessions  sessions
 	inflight  inflight // peers' control requests being served
@@ -170,21 +171,22 @@ func New(cfg Config) (*Server, error) {
 	if cfg.FinishGrace <= 0 {
 		cfg.FinishGrace = DefaultFinishGrace
 	}
-	if cfg.MaxPeerSessions <= 0 || cfg.MaxPeerSessions > cfg.MaxSessions {
-		cfg.MaxPeerSessions = cfg.MaxSessions
+	if cfg.MaxPeerSessions <= 0 {
+		cfg.MaxPeerSessions = max(1, cfg.MaxSessions/2)
 	}
+	cfg.MaxPeerSessions = min(cfg.MaxPeerSessions, cfg.MaxSessions)
 	if cfg.MaxControlRequests <= 0 {
 		cfg.MaxControlRequests = DefaultMaxControlRequests
 	}
 	if cfg.MaxPeerControlRequests <= 0 {
 		cfg.MaxPeerControlRequests = DefaultMaxPeerControlRequests
 	}
-	routes := make(map[string]endpoint.Endpoint)
+	routes := make(map[string]Route)
 	for _, r := range cfg.Routes {
 		if _, dup := routes[r.Channel]; dup {
 			return nil, fmt.Errorf("proxy: two routes for channel %q", r.Channel)
 		}
-		routes[r.Channel] = r.Target
+		routes[r.Channel] = r
 	}
 	seen := map[string]bool{}
 	for _, f := range cfg.Forwards {
@@ -481,15 +483,18 @@ func (s *Server) deliver(in *tunnel.Incoming) {
 		r.sess, r.ch, target = sess, ch, ch.target
 		log = log.With(slog.String("session", sess.idString()))
 	} else {
-		var ok bool
-		if target, ok = s.route(h.Channel); !ok {
+		rt, ok := s.route(h.Channel)
+		switch {
+		case !ok:
 			refuse(&tunnel.RefusedError{Reason: tunnel.ReasonNoRoute, Detail: fmt.Sprintf("no route for channel %q", h.Channel)})
 			return
-		}
-		if target == SessionSocket {
-			refuse(&tunnel.RefusedError{Reason: tunnel.ReasonNoRoute, Detail: fmt.Sprintf("channel %q is routed only within sessions", h.Channel)})
+		case !rt.Sessionless:
+			// Only a session's token opens this channel: a peer without
+			// one must not reach the target beside the session's streams.
+			refuse(&tunnel.RefusedError{Reason: tunnel.ReasonUnauthorized, Detail: fmt.Sprintf("channel %q takes streams only within a session", h.Channel)})
 			return
 		}
+		target = rt.Target
 	}
 	ctx, cancel := s.ctx, context.CancelFunc(func() {})
 	if r.sess != nil {
@@ -520,19 +525,19 @@ func (s *Server) deliver(in *tunnel.Incoming) {
 	s.startRelay(r, log)
 }
 
-// route returns the local endpoint of a channel's static or registered route.
-func (s *Server) route(channel string) (endpoint.Endpoint, bool) {
+// route returns the static or registered route of a channel.
+func (s *Server) route(channel string) (Route, bool) {
 	s.routesMu.RLock()
 	defer s.routesMu.RUnlock()
-	ep, ok := s.routes[channel]
-	return ep, ok
+	r, ok := s.routes[channel]
+	return r, ok
 }
 
 // SetRoute registers (or replaces) the route of a channel on this host.
 func (s *Server) SetRoute(r Route) {
 	s.routesMu.Lock()
 	defer s.routesMu.Unlock()
-	s.routes[r.Channel] = r.Target
+	s.routes[r.Channel] = r
 }
 
 // DeleteRoute removes the route of a channel; it reports whether there was one.
@@ -549,8 +554,8 @@ func (s *Server) Routes() []Route {
 	s.routesMu.RLock()
 	defer s.routesMu.RUnlock()
 	out := make([]Route, 0, len(s.routes))
-	for ch, ep := range s.routes {
-		out = append(out, Route{Channel: ch, Target: ep})
+	for _, r := range s.routes {
+		out = append(out, r)
 	}
 	slices.SortFunc(out, func(a, b Route) int { return strings.Compare(a.Channel, b.Channel) })
 	return out

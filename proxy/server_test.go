@@ -196,7 +196,7 @@ func readsEnd(t *testing.T, c net.Conn) {
 func testEcho(t *testing.T, tr tunnel.Transport) {
 	target := filepath.Join(sockDir(t), "echo.sock")
 	serveUnix(t, target, echoConn)
-	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(target)}}, "main")
+	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(target), Sessionless: true}}, "main")
 	c := dialForward(t, b.fwd["main"])
 	c.SetDeadline(time.Now().Add(time.Minute))
 	msg := make([]byte, 1<<20)
@@ -235,7 +235,7 @@ func testOrder(t *testing.T, tr tunnel.Transport) {
 		arrivals <- arrival{n, b[0], err}
 		io.Copy(io.Discard, c)
 	})
-	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(target)}}, "main")
+	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(target), Sessionless: true}}, "main")
 	const conns = 8
 	for round := range 20 {
 		var clients []net.Conn
@@ -285,7 +285,7 @@ func testNoRoute(t *testing.T, tr tunnel.Transport) {
 // destination's own log names it.
 func testDialFailed(t *testing.T, tr tunnel.Transport) {
 	missing := filepath.Join(sockDir(t), "missing.sock")
-	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(missing)}}, "main")
+	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(missing), Sessionless: true}}, "main")
 	readsEnd(t, dialForward(t, b.fwd["main"]))
 	b.src.Close()
 	b.srcLog.line(t, `msg="stream not opened"`, "channel=main", "dial_failed")
@@ -302,7 +302,7 @@ func testDialFailed(t *testing.T, tr tunnel.Transport) {
 func testShutdown(t *testing.T, tr tunnel.Transport) {
 	target := filepath.Join(sockDir(t), "echo.sock")
 	serveUnix(t, target, echoConn)
-	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(target)}}, "main")
+	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(target), Sessionless: true}}, "main")
 	c := dialForward(t, b.fwd["main"])
 	c.SetDeadline(time.Now().Add(time.Minute))
 	if _, err := c.Write([]byte("ping")); err != nil {

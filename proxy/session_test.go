@@ -67,7 +67,7 @@ func newSessHostsConfig(t *testing.T, tr tunnel.Transport, srcTTL, dstTTL, dial 
 	ca := testpki.NewCA(t)
 	dst := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "dst"), tr),
 		Routes: []proxy.Route{{Channel: "main", Target: endpoint.Unix(echo)}, {Channel: "nbd", Target: endpoint.Unix(echo)}}, SessionTTL: dstTTL,
-		FinishGrace: 2 * time.Second, DialTimeout: dial})
+		FinishGrace: 2 * time.Second, DialTimeout: dial, MaxPeerSessions: 64})
 	h := &sessHosts{dst: dst, ca: ca, transport: tr, sockDir: filepath.Join(dir, "socks")}
 	src := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "src"), tr),
 		SocketDir: h.sockDir, SessionTTL: srcTTL, FinishGrace: 2 * time.Second})
@@ -167,9 +167,9 @@ func TestSessionFinish(t *testing.T) {
 func TestSessionUnknownChannel(t *testing.T) {
 	leaktest.Check(t)
 	h := newSessHosts(t, tunnel.TLS, time.Minute)
-	_, err := h.src.Prepare(context.Background(), control.PrepareRequest{Peer: h.dst.Addr().String(), Channels: []string{"main", "nbd"}})
-	if err == nil || !strings.Contains(err.Error(), `no route for channel "nbd"`) {
-		t.Fatalf("got %v, want a refusal naming channel nbd", err)
+	_, err := h.src.Prepare(context.Background(), control.PrepareRequest{Peer: h.dst.Addr().String(), Channels: []string{"main", "libvirt"}})
+	if !errors.Is(err, control.ErrNotFound) || !strings.Contains(err.Error(), `no route for channel "libvirt"`) {
+		t.Fatalf("got %v, want a not_found refusal naming channel libvirt", err)
 	}
 	if n := len(h.dst.Sessions()); n != 0 {
 		t.Fatalf("destination holds %d sessions after a refused prepare", n)
@@ -408,7 +408,7 @@ func TestSessionSocketRoute(t *testing.T) {
 	// Outside a session the route serves nothing.
 	d, _ := tunnel.NewDialer(sessTunnel(ca.NewHost(t, "src"), tunnel.TLS))
 	defer d.Close()
-	if _, err := d.Open(context.Background(), dst.Addr().String(), tunnel.Header{Kind: tunnel.KindData, Channel: "main"}); !errors.Is(err, &tunnel.RefusedError{Reason: tunnel.ReasonNoRoute}) {
+	if _, err := d.Open(context.Background(), dst.Addr().String(), tunnel.Header{Kind: tunnel.KindData, Channel: "main"}); !errors.Is(err, &tunnel.RefusedError{Reason: tunnel.ReasonUnauthorized}) {
 		t.Fatalf("static stream to a session route: %v", err)
 	}
 }

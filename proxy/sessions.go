@@ -157,7 +157,7 @@ func (s *Server) sourceSession(req control.PrepareRequest, resp *controlResponse
 	// The channels are complete before the session is registered, so
 	// nothing reads them while they change.
 	for _, name := range req.Channels {
-		c, err := s.listenChannel(sess, name, req.Listen)
+		c, err := s.listenChannel(sess, name)
 		if err != nil {
 			sess.closeListeners()
 			return nil, fmt.Errorf("opening the local listener of channel %q: %w", name, err)
@@ -188,35 +188,27 @@ func checkPrepare(req control.PrepareRequest) error {
 		}
 		seen[c] = true
 	}
-	if req.Listen != "" && req.Listen != "unix" && req.Listen != "tcp" {
-		return control.Errorf(control.CodeBadRequest, "listen %q: want unix or tcp", req.Listen)
+	switch req.Listen {
+	case "", "unix":
+	case "tcp":
+		return control.Errorf(control.CodeBadRequest, `listen "tcp" is not offered: any local user could connect to a loopback port before QEMU and feed the session; use unix (the default), whose sockets only migtun's user can reach`)
+	default:
+		return control.Errorf(control.CodeBadRequest, "listen %q: want unix", req.Listen)
 	}
 	return nil
 }
 
-// listenChannel opens the source's local listener of one session channel.
-func (s *Server) listenChannel(sess *session, name, kind string) (*sessionChannel, error) {
-	ep := endpoint.TCP("127.0.0.1:0")
-	if kind != "tcp" {
-		ep = endpoint.Unix(s.sessionSocketPath(sess, name))
-	}
+// listenChannel opens the source's local listener of one session channel:
+// a UNIX socket in the socket directory.
+func (s *Server) listenChannel(sess *session, name string) (*sessionChannel, error) {
+	ep := endpoint.Unix(s.sessionSocketPath(sess, name))
 	ln, err := ep.Listen()
 	if err != nil {
 		return nil, err
 	}
-	c := &sessionChannel{name: name}
-	if ep.Network == "unix" {
-		c.uri = "unix:" + ep.Address
-		c.lvURI = "unix://" + ep.Address
-		if name == "libvirt" {
-			c.lvURI = "qemu+unix:///system?socket=" + ep.Address
-		}
-	} else {
-		c.uri = "tcp:" + ln.Addr().String()
-		c.lvURI = "tcp://" + ln.Addr().String()
-		if name == "libvirt" {
-			c.lvURI = "qemu+tcp://" + ln.Addr().String() + "/system"
-		}
+	c := &sessionChannel{name: name, uri: ep.String(), lvURI: "unix://" + ep.Address}
+	if name == "libvirt" {
+		c.lvURI = "qemu+unix:///system?socket=" + ep.Address
 	}
 	c.fwd = &forwarder{Forward: Forward{Listen: ep, Peer: sess.peer, Channel: name}, ln: ln, srv: s, sess: sess, ch: c}
 	return c, nil

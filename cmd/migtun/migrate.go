@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/migtun/migtun/control"
 	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/migrate"
 )
@@ -55,10 +56,11 @@ type migrateFlags struct {
 func parseMigrate(args []string, stderr io.Writer) (migrate.Options, migrateFlags, error) {
 	var o migrate.Options
 	var f migrateFlags
-	var qmpSpec, disks string
+	var qmpSpec, disks, tokenFile string
 	var downtime int64
 	fs := newFlagSet("migrate", migrateSynopsis, stderr)
 	fs.StringVar(&o.Control, "control", "", "the local migtun's control endpoint: unix:PATH or tcp:HOST:PORT")
+	fs.StringVar(&tokenFile, "control-token-file", "", "the TCP control endpoint's token, in a file (serve's --control-token-file)")
 	fs.StringVar(&o.Peer, "peer", "", "host:port of the destination's migtun")
 	fs.StringVar(&qmpSpec, "qmp", "", "the source QEMU's QMP socket: unix:PATH")
 	fs.StringVar(&o.DestVM, "dest-vm", "", "the VM's name on the destination (its serve --qmp NAME=…)")
@@ -87,6 +89,11 @@ func parseMigrate(args []string, stderr io.Writer) (migrate.Options, migrateFlag
 		return o, f, fmt.Errorf("migrate: --qmp: %w", err)
 	}
 	o.QMP = ep.Address
+	if tokenFile != "" {
+		if o.ControlToken, err = control.ReadTokenFile(tokenFile); err != nil {
+			return o, f, fmt.Errorf("migrate: --control-token-file: %w", err)
+		}
+	}
 	o.Downtime = time.Duration(downtime) * time.Millisecond
 	if disks != "" {
 		o.Disks = strings.Split(disks, ",")

@@ -11,7 +11,9 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -19,6 +21,7 @@ import (
 	"time"
 
 	"github.com/migtun/migtun/certs"
+	"github.com/migtun/migtun/control"
 	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/migrate"
 	"github.com/migtun/migtun/proxy"
@@ -33,38 +36,40 @@ const serveSynopsis = `serve --listen HOST:PORT --transport tls|quic|plain --cer
 
 // serveConfig is what serve's flags say, as --print-config shows it.
 type serveConfig struct {
-	Listen            string            `json:"listen"`
-	Transport         string            `json:"transport"`
-	Cert              string            `json:"cert"`
-	Key               string            `json:"key"`
-	CA                string            `json:"ca"`
-	Routes            []string          `json:"routes"`
-	Forwards          []string          `json:"forwards"`
-	VMs               map[string]string `json:"vms"`
-	AllowPeers        []string          `json:"allow_peers"`
-	InsecurePlaintext bool              `json:"insecure_plaintext"`
-	DialTimeout       time.Duration     `json:"dial_timeout"`
-	HandshakeTimeout  time.Duration     `json:"handshake_timeout"`
-	IdleTimeout       time.Duration     `json:"idle_timeout"`
-	DrainTimeout      time.Duration     `json:"drain_timeout"`
-	Control           string            `json:"control"`
-	ControlListen     string            `json:"control_listen"`
-	MetricsListen     string            `json:"metrics_listen"`
-	SocketDir         string            `json:"socket_dir"`
-	SessionTTL        time.Duration     `json:"session_ttl"`
-	MaxSessions       int               `json:"max_sessions"`
-	MaxPeerSessions   int               `json:"max_peer_sessions"`
-	MaxControl        int               `json:"max_control_requests"`
-	MaxPeerControl    int               `json:"max_peer_control_requests"`
-	MaxSessionStreams int               `json:"max_session_streams"`
-	FinishGrace       time.Duration     `json:"finish_grace"`
-	LogFormat         string            `json:"log_format"`
-	LogLevel          string            `json:"log_level"`
+	Listen            string                      `json:"listen"`
+	Transport         string                      `json:"transport"`
+	Cert              string                      `json:"cert"`
+	Key               string                      `json:"key"`
+	CA                string                      `json:"ca"`
+	Routes            []string                    `json:"routes"`
+	Forwards          []string                    `json:"forwards"`
+	VMs               map[string]migrate.VMConfig `json:"vms"`
+	AllowPeers        []string                    `json:"allow_peers"`
+	InsecurePlaintext bool                        `json:"insecure_plaintext"`
+	DialTimeout       time.Duration               `json:"dial_timeout"`
+	HandshakeTimeout  time.Duration               `json:"handshake_timeout"`
+	IdleTimeout       time.Duration               `json:"idle_timeout"`
+	DrainTimeout      time.Duration               `json:"drain_timeout"`
+	Control           string                      `json:"control"`
+	ControlListen     string                      `json:"control_listen"`
+	ControlTokenFile  string                      `json:"control_token_file"`
+	MetricsListen     string                      `json:"metrics_listen"`
+	SocketDir         string                      `json:"socket_dir"`
+	SessionTTL        time.Duration               `json:"session_ttl"`
+	MaxSessions       int                         `json:"max_sessions"`
+	MaxPeerSessions   int                         `json:"max_peer_sessions"`
+	MaxControl        int                         `json:"max_control_requests"`
+	MaxPeerControl    int                         `json:"max_peer_control_requests"`
+	MaxSessionStreams int                         `json:"max_session_streams"`
+	FinishGrace       time.Duration               `json:"finish_grace"`
+	LogFormat         string                      `json:"log_format"`
+	LogLevel          string                      `json:"log_level"`
 
-	routes      []proxy.Route
-	forwards    []proxy.Forward
-	transport   tunnel.Transport
-	printConfig bool
+	routes       []proxy.Route
+	forwards     []proxy.Forward
+	transport    tunnel.Transport
+	controlToken string
+	printConfig  bool
 }
 
 func runServe(args []string, stdout, stderr io.Writer) error {
@@ -81,6 +86,11 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	log, err := newLogger(stderr, cfg.LogFormat, cfg.LogLevel)
 	if err != nil {
 		return err
+	}
+	if cfg.ControlTokenFile != "" {
+		if cfg.controlToken, err = control.ReadTokenFile(cfg.ControlTokenFile); err != nil {
+			return fmt.Errorf("serve: --control-token-file: %w", err)
+		}
 	}
 	store, err := loadCertificates(cfg, log)
 	if err != nil {
@@ -114,7 +124,7 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 
 // parseServe reads serve's flags into a checked serveConfig.
 func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
-	c := &serveConfig{VMs: map[string]string{}}
+	c := &serveConfig{VMs: map[string]migrate.VMConfig{}}
 	fs := newFlagSet("serve", serveSynopsis, stderr)
 	c.define(fs)
 	if err := parse(fs, args); err != nil {
@@ -140,12 +150,23 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 			return nil, fmt.Errorf("serve: --control: %w (use --control-listen for TCP)", err)
 		}
 	}
+	if c.ControlListen != "" && c.ControlTokenFile == "" {
+		return nil, errors.New("serve: --control-listen needs --control-token-file: without a token any local user could drive migrations")
+	}
 	if len(c.VMs) > 0 {
 		// The VMs' QEMUs listen on sockets named after each session.
 		for _, ch := range []string{"main", "nbd"} {
 			if !slices.ContainsFunc(c.routes, func(r proxy.Route) bool { return r.Channel == ch }) {
 				c.routes = append(c.routes, proxy.Route{Channel: ch, Target: proxy.SessionSocket})
 			}
+		}
+	}
+	// A host that takes sessions opens its routes only to them, unless a
+	// route says ",sessionless"; a host of static routes alone keeps them
+	// open to its peers' forwards.
+	if !c.takesSessions() {
+		for i := range c.routes {
+			c.routes[i].Sessionless = c.routes[i].Target != proxy.SessionSocket
 		}
 	}
 	c.Routes = nil
@@ -155,6 +176,13 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 	return c, nil
 }
 
+// takesSessions reports whether the host serves migration sessions: it has
+// a control endpoint, a VM to drive or a CHANNEL=session route.
+func (c *serveConfig) takesSessions() bool {
+	return c.Control != "" || c.ControlListen != "" || len(c.VMs) > 0 ||
+		slices.ContainsFunc(c.routes, func(r proxy.Route) bool { return r.Target == proxy.SessionSocket })
+}
+
 // define declares serve's flags, each writing into c.
 func (c *serveConfig) define(fs *flag.FlagSet) {
 	fs.StringVar(&c.Listen, "listen", "", "host:port of the tunnel port (TCP for tls and plain, UDP for quic)")
@@ -162,7 +190,7 @@ func (c *serveConfig) define(fs *flag.FlagSet) {
 	fs.StringVar(&c.Cert, "cert", "", "this host's certificate (PEM); replacing it and --key takes effect within about a second, for new connections")
 	fs.StringVar(&c.Key, "key", "", "this host's private key (PEM)")
 	fs.StringVar(&c.CA, "ca", "", "the CA certificate peers must be signed by (PEM); read once, at start")
-	fs.Func("route", "deliver incoming streams of CHANNEL to a local socket: CHANNEL=unix:PATH, CHANNEL=tcp:HOST:PORT, or CHANNEL=session for a socket named after each session in --socket-dir (repeatable)", func(s string) error {
+	fs.Func("route", "deliver incoming streams of CHANNEL to a local socket: CHANNEL=unix:PATH, CHANNEL=tcp:HOST:PORT, or CHANNEL=session for a socket named after each session in --socket-dir (repeatable). A host that takes sessions (--control, --control-listen, --qmp or a session route) lets only sessions' streams reach its routes; add ,sessionless to a route to let peers' plain forwards reach it too", func(s string) error {
 		r, err := proxy.ParseRoute(s)
 		c.routes = append(c.routes, r)
 		return err
@@ -173,29 +201,30 @@ func (c *serveConfig) define(fs *flag.FlagSet) {
 		c.Forwards = append(c.Forwards, f.String())
 		return err
 	})
-	fs.Func("qmp", "a VM this host may drive for its peers' migrations: NAME=unix:PATH of its QMP socket (repeatable); main and nbd default to CHANNEL=session routes", func(s string) error {
-		name, path, err := migrate.ParseVM(s)
+	fs.Func("qmp", "a VM this host may drive for its peers' migrations: NAME=unix:PATH of its QMP socket, then ,peer=NAME for each peer (certificate name) that may migrate into it (repeatable); main and nbd default to CHANNEL=session routes", func(s string) error {
+		name, vm, err := migrate.ParseVM(s)
 		if err == nil {
 			if _, dup := c.VMs[name]; dup {
 				return fmt.Errorf("VM %q given twice", name)
 			}
-			c.VMs[name] = path
+			c.VMs[name] = vm
 		}
 		return err
 	})
 	fs.Var((*listFlag)(&c.AllowPeers), "allow-peer", "accept only peers whose certificate names this (\"*.suffix\" allowed; repeatable; default: any peer with a certificate from the CA)")
-	fs.BoolVar(&c.InsecurePlaintext, "insecure-plaintext", false, "allow the plain transport: stream bytes cross the network unencrypted (peers are still authenticated)")
+	fs.BoolVar(&c.InsecurePlaintext, "insecure-plaintext", false, "allow the plain transport, for a trusted migration network only: anyone on the path can read the guest's RAM and disks, and change them unnoticed (only who opens a stream is authenticated, and control still uses TLS)")
 	fs.DurationVar(&c.DialTimeout, "dial-timeout", tunnel.DefaultDialTimeout, "bound on connecting to a peer or to a local route")
 	fs.DurationVar(&c.HandshakeTimeout, "handshake-timeout", tunnel.DefaultHandshakeTimeout, "bound on an incoming stream's handshake and header (quic: the handshake's idle timeout; at most twice it in all)")
 	fs.DurationVar(&c.IdleTimeout, "idle-timeout", tunnel.DefaultIdleTimeout, "a QUIC peer silent this long is declared dead; TCP connections probe a peer silent this long (keepalive) and give up after three probes")
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long streams in flight may go on before they are aborted")
 	fs.StringVar(&c.Control, "control", "", "the local control endpoint, a UNIX socket (mode 0600): unix:PATH (default: none)")
-	fs.StringVar(&c.ControlListen, "control-listen", "", "also serve the control endpoint on TCP HOST:PORT; it has no authentication, keep it on loopback (default: off)")
+	fs.StringVar(&c.ControlListen, "control-listen", "", "also serve the control endpoint on TCP HOST:PORT, for clients that hold the token of --control-token-file (default: off)")
+	fs.StringVar(&c.ControlTokenFile, "control-token-file", "", "the bearer token the TCP control endpoint requires, in a file only migtun's user may read (mode 0600)")
 	fs.StringVar(&c.MetricsListen, "metrics-listen", "", "also serve Prometheus metrics on http://HOST:PORT/metrics, and /healthz (default: off; the control endpoint serves both too)")
 	fs.StringVar(&c.SocketDir, "socket-dir", "", "directory of the sessions' UNIX sockets: the source's listeners, the destination's CHANNEL=session routes; created 0700, refused if others may write it (default: $RUNTIME_DIRECTORY, else /run/migtun as root, else $XDG_RUNTIME_DIR/migtun)")
 	fs.DurationVar(&c.SessionTTL, "session-ttl", proxy.DefaultSessionTTL, "a prepared session that sees no stream in this time expires")
 	fs.IntVar(&c.MaxSessions, "max-sessions", proxy.DefaultMaxSessions, "sessions open at once, at most")
-	fs.IntVar(&c.MaxPeerSessions, "max-peer-sessions", 0, "sessions one peer may hold open here at once, its share of --max-sessions (default: --max-sessions)")
+	fs.IntVar(&c.MaxPeerSessions, "max-peer-sessions", 0, "sessions one peer may hold open here at once, its share of --max-sessions (default: half of --max-sessions)")
 	fs.IntVar(&c.MaxControl, "max-control-requests", proxy.DefaultMaxControlRequests, "peers' control requests (prepare, finish, VM operations) served at once, at most; more are refused at once")
 	fs.IntVar(&c.MaxPeerControl, "max-peer-control-requests", proxy.DefaultMaxPeerControlRequests, "control requests of one peer served at once, at most")
 	fs.IntVar(&c.MaxSessionStreams, "max-session-streams", proxy.DefaultMaxSessionStreams, "streams one session may open, at most")
@@ -211,9 +240,10 @@ func (c *serveConfig) effective() any {
 	if e.SocketDir == "" {
 		e.SocketDir, _ = proxy.DefaultSocketDir()
 	}
-	if e.MaxPeerSessions <= 0 || e.MaxPeerSessions > e.MaxSessions {
-		e.MaxPeerSessions = e.MaxSessions
+	if e.MaxPeerSessions <= 0 {
+		e.MaxPeerSessions = max(1, e.MaxSessions/2)
 	}
+	e.MaxPeerSessions = min(e.MaxPeerSessions, e.MaxSessions)
 	// Durations print as "30s", not nanoseconds.
 	b, _ := json.Marshal(e)
 	var m map[string]any
@@ -267,6 +297,12 @@ func newServer(c *serveConfig, store *certs.Store, log *slog.Logger) (*proxy.Ser
 	if len(c.VMs) > 0 {
 		vms = migrate.NewController(c.VMs, log)
 	}
+	for name, vm := range c.VMs {
+		if len(vm.Peers) == 0 && len(c.AllowPeers) == 0 {
+			log.Warn("any peer with a certificate of the CA may migrate into this VM, take its disks and feed it a migration stream; bind it with ,peer=NAME or limit the peers with --allow-peer",
+				"vm", name)
+		}
+	}
 	alpn := []string{tunnel.ALPN}
 	return proxy.New(proxy.Config{
 		Listen: c.Listen,
@@ -302,18 +338,21 @@ func openEndpoints(srv *proxy.Server, c *serveConfig, log *slog.Logger) ([]strin
 	var controls []string
 	if c.Control != "" {
 		ep, _ := endpoint.ParseUnix(c.Control) // checked by parseServe
-		if _, err := srv.ListenControl(ep); err != nil {
+		if err := checkControlDir(filepath.Dir(ep.Address)); err != nil {
+			return nil, fmt.Errorf("--control: %w", err)
+		}
+		if _, err := srv.ListenControl(ep, proxy.ControlAuth{}); err != nil {
 			return nil, fmt.Errorf("--control: %w", err)
 		}
 		controls = append(controls, ep.String())
 	}
 	if c.ControlListen != "" {
-		addr, err := srv.ListenControl(endpoint.TCP(c.ControlListen))
+		addr, err := srv.ListenControl(endpoint.TCP(c.ControlListen), proxy.ControlAuth{Token: c.controlToken})
 		if err != nil {
 			return nil, fmt.Errorf("--control-listen: %w", err)
 		}
 		if ta, ok := addr.(*net.TCPAddr); ok && !ta.IP.IsLoopback() {
-			log.Warn("the control endpoint listens beyond loopback without authentication", "addr", addr.String())
+			log.Warn("the control endpoint listens beyond loopback; its token is all that protects it, and it crosses the network in clear", "addr", addr.String())
 		}
 		controls = append(controls, "tcp:"+addr.String())
 	}
@@ -328,6 +367,23 @@ func openEndpoints(srv *proxy.Server, c *serveConfig, log *slog.Logger) ([]strin
 		log.Warn("plaintext allowed: migration bytes of plain streams cross the network unencrypted")
 	}
 	return controls, nil
+}
+
+// checkControlDir creates the control socket's directory 0700 if it is
+// missing, and refuses one that others may enter or write: the socket's
+// own mode is not the only thing between a local user and the endpoint.
+func checkControlDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return err
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		return fmt.Errorf("the control socket's directory %s has mode %04o: others may enter it; put the socket in a directory only migtun's user can enter (such as the socket directory)", dir, fi.Mode().Perm())
+	}
+	return nil
 }
 
 // drain stops srv, letting streams in flight go on for up to timeout.

@@ -13,21 +13,22 @@ import (
 	"github.com/migtun/migtun/control"
 )
 
-const sessionUsage = `session prepare --control unix:PATH --peer HOST:PORT --channel NAME [--channel NAME]... [--listen unix|tcp] [--libvirt]
+const sessionUsage = `session prepare --control unix:PATH --peer HOST:PORT --channel NAME [--channel NAME]... [--libvirt]
        migtun session show|finish|abort --control unix:PATH ID
        migtun session list --control unix:PATH`
 
 // sessionArgs are the flags and arguments of one session subcommand.
 type sessionArgs struct {
-	sub      string
-	control  string
-	peer     string
-	channels listFlag
-	listen   string
-	libvirt  bool
-	grace    time.Duration
-	reason   string
-	id       string
+	sub       string
+	control   string
+	tokenFile string
+	peer      string
+	channels  listFlag
+	listen    string
+	libvirt   bool
+	grace     time.Duration
+	reason    string
+	id        string
 }
 
 func runSession(args []string, stdout, stderr io.Writer) error {
@@ -35,7 +36,13 @@ func runSession(args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	c, err := control.NewClient(a.control, &control.Options{Timeout: 10 * time.Minute})
+	opts := &control.Options{Timeout: 10 * time.Minute}
+	if a.tokenFile != "" {
+		if opts.Token, err = control.ReadTokenFile(a.tokenFile); err != nil {
+			return fmt.Errorf("session %s: --control-token-file: %w", a.sub, err)
+		}
+	}
+	c, err := control.NewClient(a.control, opts)
 	if err != nil {
 		return fmt.Errorf("session %s: --control: %w", a.sub, err)
 	}
@@ -61,11 +68,12 @@ func parseSession(args []string, stderr io.Writer) (*sessionArgs, error) {
 	args = args[1:]
 	fs := newFlagSet("session "+a.sub, sessionUsage, stderr)
 	fs.StringVar(&a.control, "control", "", "the local migtun's control endpoint: unix:PATH or tcp:HOST:PORT")
+	fs.StringVar(&a.tokenFile, "control-token-file", "", "the TCP control endpoint's token, in a file (serve's --control-token-file)")
 	switch a.sub {
 	case "prepare":
 		fs.StringVar(&a.peer, "peer", "", "host:port of the destination's migtun")
 		fs.Var(&a.channels, "channel", "a channel the migration needs: main, nbd, libvirt, … (repeatable)")
-		fs.StringVar(&a.listen, "listen", "unix", "local listeners: unix (sockets under serve's --socket-dir) or tcp (127.0.0.1)")
+		fs.StringVar(&a.listen, "listen", "unix", "local listeners: unix, sockets in serve's --socket-dir (the only kind)")
 		fs.BoolVar(&a.libvirt, "libvirt", false, "also print the virsh migrate arguments for the session's URIs")
 	case "finish":
 		fs.DurationVar(&a.grace, "grace", 0, "how long streams in flight may take to end before they are aborted (default: serve's --finish-grace)")
