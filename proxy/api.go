@@ -9,6 +9,7 @@ import (
 	"mime"
 	"net"
 	"net/http"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -204,6 +205,13 @@ func (s *Server) ListenControl(ep endpoint.Endpoint, auth ControlAuth) (net.Addr
 	ln, err := ep.Listen()
 	if err != nil {
 		return nil, err
+	}
+	if ep.Network == "unix" {
+		// Already closed to others by the umask; read and write suffice.
+		if err := os.Chmod(ep.Address, 0o600); err != nil {
+			ln.Close()
+			return nil, err
+		}
 	}
 	if ta, ok := ln.Addr().(*net.TCPAddr); ok && len(auth.Hosts) == 0 {
 		port := strconv.Itoa(ta.Port)
