@@ -78,7 +78,8 @@ func newLibvirtRig(t *testing.T) *libvirtRig {
 	r.uriA, r.uriB = uris[0], uris[1]
 
 	ca := pki(t, "src", "dst")
-	r.srcCtl, r.dstCtl = "unix:"+filepath.Join(r.dir, "src.ctl"), "unix:"+filepath.Join(r.dir, "dst.ctl")
+	// The control sockets live in a directory only root can enter.
+	r.srcCtl, r.dstCtl = "unix:"+filepath.Join(r.dir, "ctl", "src.ctl"), "unix:"+filepath.Join(r.dir, "ctl", "dst.ctl")
 	in := func(host string) []string { return []string{script, "exec", r.dir, host} }
 	dst := startServe(t, ca, "dst", in("b"), "--socket-dir", "/run/migtun", "--control", r.dstCtl,
 		"--route", "libvirt=unix:"+filepath.Join(r.dir, "b", "sock", "libvirt-sock"),
