@@ -2,10 +2,16 @@ package proxy_test
 
 import (
 	"context"
+	"errors"
+	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/migtun/migtun/control"
+	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/internal/leaktest"
+	"github.com/migtun/migtun/internal/testpki"
+	"github.com/migtun/migtun/proxy"
 	"github.com/migtun/migtun/tunnel"
 )
 
@@ -61,4 +67,33 @@ func openSessionless(t *testing.T, h *sessHosts, channel string) (tunnel.Stream,
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	return d.Open(ctx, h.dst.Addr().String(), tunnel.Header{Kind: tunnel.KindData, Channel: channel})
+}
+
+// TestPeerSessionShare: one peer holds at most its share of the
+// destination's sessions, refused with code limit past it; and sessions
+// are never listened for on loopback TCP, which any local user could
+// reach first.
+func TestPeerSessionShare(t *testing.T) {
+	leaktest.Check(t)
+	dir := t.TempDir()
+	ca := testpki.NewCA(t)
+	dst := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "dst"), tunnel.TLS),
+		Routes: []proxy.Route{{Channel: "main", Target: endpoint.Unix(filepath.Join(dir, "in.sock"))}}, SocketDir: filepath.Join(dir, "d"),
+		MaxSessions: 4})
+	src := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "src"), tunnel.TLS),
+		SocketDir: filepath.Join(dir, "s")})
+	ctx := context.Background()
+	req := control.PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main"}}
+	for i := range 2 {
+		if _, err := src.Prepare(ctx, req); err != nil {
+			t.Fatalf("session %d of the peer's share of 2: %v", i, err)
+		}
+	}
+	if _, err := src.Prepare(ctx, req); !errors.Is(err, control.ErrLimit) {
+		t.Fatalf("a third session of one peer with --max-sessions 4: %v, want code limit", err)
+	}
+	req.Listen = "tcp"
+	if _, err := src.Prepare(ctx, req); !errors.Is(err, control.ErrBadRequest) {
+		t.Fatalf(`listen "tcp": %v, want code bad_request`, err)
+	}
 }
