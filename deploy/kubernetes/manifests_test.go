@@ -277,6 +277,9 @@ func TestDaemonSet(t *testing.T) {
 		return v
 	}
 
+	if ds.Spec.UpdateStrategy.Type != appsv1.OnDeleteDaemonSetStrategyType {
+		t.Errorf("update strategy %q: a rolling update restarts migtun under migrations in flight; want OnDelete", ds.Spec.UpdateStrategy.Type)
+	}
 	if !spec.HostNetwork {
 		t.Error("not on the host network: peers reach migtun at the node's address")
 	}
