@@ -203,7 +203,7 @@ func Contents(bin []byte) []Entry {
 		{Name: "etc/group", Mode: 0o644, Data: []byte(group)},
 		{Name: "etc/passwd", Mode: 0o644, Data: []byte(passwd)},
 		{Name: "run/", Mode: 0o755},
-		{Name: "run/migtun/", Mode: 0o770, UID: UID, GID: GID},
+		{Name: "run/migtun/", Mode: 0o700, UID: UID, GID: GID},
 		{Name: "tmp/", Mode: 0o1777},
 		{Name: "usr/", Mode: 0o755},
 		{Name: "usr/local/", Mode: 0o755},

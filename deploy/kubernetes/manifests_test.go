@@ -264,16 +264,13 @@ func TestDaemonSet(t *testing.T) {
 	if len(args) == 0 || args[0] != "serve" {
 		t.Fatalf("args %q, want serve first", args)
 	}
-	if _, err := testbin.CheckServeArgs(testbin.Migtun(t), args[1:]); err != nil {
-		t.Errorf("container args: %v", err)
+	settings, err := testbin.CheckServeArgs(testbin.Migtun(t), args[1:])
+	if err != nil {
+		t.Fatalf("container args: %v", err)
 	}
+	// What serve makes of its flags, as --print-config shows it.
 	flag := func(name string) string {
-		v := ""
-		for _, a := range args {
-			if val, ok := strings.CutPrefix(a, "--"+name+"="); ok {
-				v = val
-			}
-		}
+		v, _ := settings[strings.ReplaceAll(name, "-", "_")].(string)
 		return v
 	}
 

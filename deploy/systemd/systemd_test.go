@@ -142,7 +142,7 @@ func TestOptsExample(t *testing.T) {
 // TestExecStartServes starts the unit's ExecStart command line, expanded
 // from the environment file as systemd would, and checks that it serves:
 // the control socket in the runtime directory answers /healthz, the
-// metrics port answers /metrics, logs are JSON lines, and SIGTERM stops it
+// metrics port answers /healthz and /metrics, logs are JSON lines, and SIGTERM stops it
 // cleanly. Only what cannot be the same on a test machine is replaced: the
 // certificate files, loopback ports, and the runtime directory systemd
 // would make.
@@ -157,7 +157,7 @@ func TestExecStartServes(t *testing.T) {
 		}
 	}
 	runtimeDir := filepath.Join(dir, "run-migtun")
-	if err := os.Mkdir(runtimeDir, 0o770); err != nil {
+	if err := os.Mkdir(runtimeDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
 	for k, v := range map[string]string{
@@ -216,7 +216,12 @@ func TestExecStartServes(t *testing.T) {
 	if err := json.Unmarshal(body, &health); err != nil || health.Status != "ok" {
 		t.Errorf("control /healthz: %q (%v), want status ok", body, err)
 	}
-	metrics := get(t, &http.Client{Timeout: 10 * time.Second}, "http://"+env["MIGTUN_METRICS_LISTEN"]+"/metrics")
+	hc := &http.Client{Timeout: 10 * time.Second}
+	body = get(t, hc, "http://"+env["MIGTUN_METRICS_LISTEN"]+"/healthz")
+	if err := json.Unmarshal(body, &health); err != nil || health.Status != "ok" {
+		t.Errorf("metrics port /healthz: %q (%v), want status ok", body, err)
+	}
+	metrics := get(t, hc, "http://"+env["MIGTUN_METRICS_LISTEN"]+"/metrics")
 	if !strings.Contains(string(metrics), "\nmigtun_") && !strings.HasPrefix(string(metrics), "migtun_") {
 		t.Errorf("/metrics has no migtun_ series:\n%.500s", metrics)
 	}
