@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the deployment tests under deploy/ need on a Debian machine:
 # systemd-analyze (verify and the offline security score of the unit) from
-# systemd, and podman (to run the OCI image where containers can run).
+# systemd, podman (to run the OCI image where containers can run) and strace
+# (to list the system calls migtun makes, against the unit's filter).
 set -euo pipefail
 
 need=()
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v podman >/dev/null || need+=(podman)
+command -v strace >/dev/null || need+=(strace)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
