@@ -79,7 +79,10 @@ func allowedSyscalls(t *testing.T, analyze string, u Unit) map[string]bool {
 	return allowed
 }
 
-var traceLine = regexp.MustCompile(`^\d+\s+([a-z0-9_]+)\(`)
+var (
+	traceLine  = regexp.MustCompile(`^\d+\s+([a-z0-9_]+)\(`)
+	socketLine = regexp.MustCompile(`^\d+\s+socket\((AF_[A-Z0-9]+)`)
+)
 
 // traced is a migtun serve run under strace -f.
 type traced struct {
@@ -139,6 +142,9 @@ func (tr *traced) stop(t *testing.T) []string {
 		if m := traceLine.FindStringSubmatch(line); m != nil {
 			calls = append(calls, m[1])
 		}
+		if m := socketLine.FindStringSubmatch(line); m != nil {
+			calls = append(calls, "socket:"+m[1])
+		}
 	}
 	return calls
 }
@@ -147,7 +153,8 @@ func (tr *traced) stop(t *testing.T) []string {
 // forwarding a UNIX socket to the other's route, over each transport (tls,
 // quic, plain with splice), relays bytes through them and stops them with
 // SIGTERM; every system call they made must be one the unit's
-// SystemCallFilter= allows, or systemd would fail it with EPERM.
+// SystemCallFilter= allows, or systemd would fail it with EPERM, and every
+// socket they opened of a family RestrictAddressFamilies= allows.
 func TestSyscallFilter(t *testing.T) {
 	analyze := testbin.NeedTool(t, "systemd-analyze")
 	strace := testbin.NeedTool(t, "strace")
@@ -230,7 +237,14 @@ func TestSyscallFilter(t *testing.T) {
 		t.Fatal("strace recorded no system calls")
 	}
 	t.Logf("%d distinct system calls", len(used))
+	families := strings.Fields(u.Get("Service", "RestrictAddressFamilies"))
 	for _, call := range slices.Sorted(maps.Keys(used)) {
+		if family, ok := strings.CutPrefix(call, "socket:"); ok {
+			if !slices.Contains(families, family) {
+				t.Errorf("migtun opens %s sockets (%s), which RestrictAddressFamilies= refuses", family, strings.Join(used[call], ", "))
+			}
+			continue
+		}
 		if !allowed[call] {
 			t.Errorf("migtun calls %s (%s), which SystemCallFilter= refuses", call, strings.Join(used[call], ", "))
 		}
