@@ -246,8 +246,8 @@ func makePKI(t *testing.T, bin string) string {
 			t.Fatalf("migtun %s: %v\n%s", strings.Join(args, " "), err, out)
 		}
 	}
-	for _, p := range []string{pki, filepath.Join(pki, "host.key")} {
-		if err := os.Chmod(p, 0o755); err != nil {
+	for p, mode := range map[string]os.FileMode{pki: 0o755, filepath.Join(pki, "host.key"): 0o644} {
+		if err := os.Chmod(p, mode); err != nil {
 			t.Fatal(err)
 		}
 	}
