@@ -29,8 +29,9 @@ import (
 // on a node: its arguments with $(NODE_IP) set to an address of this
 // machine (a random one of 127/8, so the fixed ports are unlikely to be
 // taken), its hostPath and Secret mounts at temporary directories (the
-// Secret laid out as the kubelet lays it out); then it makes the probes'
-// and Prometheus's requests and stops it with SIGTERM.
+// Secret laid out as the kubelet lays it out), as the pod's user when the
+// test runs as root; then it makes the probes' and Prometheus's requests
+// and stops it with SIGTERM.
 func TestDaemonSetServes(t *testing.T) {
 	bin := testbin.Migtun(t)
 	_, o := load(t)
@@ -55,6 +56,18 @@ func TestDaemonSetServes(t *testing.T) {
 	}
 	local := map[string]string{} // mount path → directory here
 	root := t.TempDir()
+	// Run as the pod's user where the test can (as root), with the
+	// kubelet's ownership of the volumes: the hostPath the host made for
+	// that user, the Secret's files in the pod's fsGroup.
+	psc := spec.SecurityContext
+	asUser := os.Geteuid() == 0
+	if asUser {
+		for _, p := range []string{root, filepath.Dir(root)} {
+			if err := os.Chmod(p, 0o711); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
 	ca := newTestCA(t)
 	for i, m := range c.VolumeMounts {
 		dir := filepath.Join(root, strconv.Itoa(i))
@@ -63,8 +76,31 @@ func TestDaemonSetServes(t *testing.T) {
 			if err := os.Mkdir(dir, 0o700); err != nil {
 				t.Fatal(err)
 			}
+			if asUser {
+				if err := os.Chown(dir, int(*psc.RunAsUser), int(*psc.RunAsGroup)); err != nil {
+					t.Fatal(err)
+				}
+			}
 		case v.Secret != nil:
 			(&secretVolume{dir: dir}).write(t, ca.secret(t, 7, time.Now().Add(24*time.Hour)))
+			if asUser {
+				mode := os.FileMode(*v.Secret.DefaultMode)
+				err := filepath.Walk(dir, func(path string, fi os.FileInfo, err error) error {
+					if err != nil || fi.Mode()&os.ModeSymlink != 0 {
+						return err
+					}
+					if err := os.Lchown(path, 0, int(*psc.FSGroup)); err != nil {
+						return err
+					}
+					if fi.Mode().IsRegular() {
+						return os.Chmod(path, mode)
+					}
+					return nil
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
 		default:
 			t.Fatalf("volume %s: neither hostPath nor Secret", m.Name)
 		}
@@ -85,6 +121,10 @@ func TestDaemonSetServes(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, args...)
+	if asUser {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{
+			Uid: uint32(*psc.RunAsUser), Gid: uint32(*psc.RunAsGroup), Groups: []uint32{uint32(*psc.FSGroup)}}}
+	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

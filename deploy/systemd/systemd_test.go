@@ -186,6 +186,11 @@ func TestExecStartServes(t *testing.T) {
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, args[1:]...)
 	cmd.Env = append(os.Environ(), "RUNTIME_DIRECTORY="+runtimeDir)
+	if os.Geteuid() == 0 {
+		// As User= would: not root, owning the runtime directory, and
+		// reading the key through its group.
+		runAs(t, cmd, dir, runtimeDir, filepath.Join(pki, "host-a.crt"), filepath.Join(pki, "host-a.key"))
+	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -246,6 +251,37 @@ func TestExecStartServes(t *testing.T) {
 			t.Errorf("log line is not a JSON record with level and msg: %q", l)
 		}
 	}
+}
+
+// serviceUID is the user TestExecStartServes runs migtun as when the test
+// runs as root, standing in for the unit's User=migtun.
+const serviceUID = 65532
+
+// runAs makes cmd run as serviceUID, gives it runtimeDir, the group of
+// the certificate and key files, and a way through dir (a test's temporary
+// directory, 0700).
+func runAs(t *testing.T, cmd *exec.Cmd, dir, runtimeDir string, files ...string) {
+	t.Helper()
+	for _, p := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(p, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Chown(runtimeDir, serviceUID, serviceUID); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range files {
+		if err := os.Chmod(filepath.Dir(f), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(f, 0, serviceUID); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(f, 0o640); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: serviceUID, Gid: serviceUID}}
 }
 
 // freePort returns a loopback address no one listens on right now.

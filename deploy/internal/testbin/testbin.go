@@ -37,6 +37,10 @@ func Migtun(t testing.TB) string {
 		if buildErr != nil {
 			return
 		}
+		// Tests may run the binary as another user.
+		if buildErr = os.Chmod(buildDir, 0o755); buildErr != nil {
+			return
+		}
 		cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-X main.version=deploy-test",
 			"-o", filepath.Join(buildDir, "migtun"), "./cmd/migtun")
 		cmd.Dir = RepoRoot(t)
