@@ -213,6 +213,7 @@ func TestImageRuns(t *testing.T) {
 	}
 	pki := makePKI(t, bin)
 	sockets := t.TempDir()
+	os.Chmod(sockets, 0o700) // serve wants its control socket where only its user may enter
 	stop := serve(t, exec.Command(bin, serveArgs(pki, sockets)...))
 	checkHealthz(t, filepath.Join(sockets, "control.sock"))
 	stop()
