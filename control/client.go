@@ -119,6 +119,23 @@ func (c *Client) DeleteRoute(ctx context.Context, channel string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/routes/"+url.PathEscape(channel), nil, nil)
 }
 
+// VMs lists the VMs registered on the host.
+func (c *Client) VMs(ctx context.Context) ([]VMInfo, error) {
+	var list []VMInfo
+	return list, c.do(ctx, http.MethodGet, "/v1/vms", nil, &list)
+}
+
+// RegisterVM registers (or replaces) a VM the host's peers may migrate
+// into; info.Name names it.
+func (c *Client) RegisterVM(ctx context.Context, info VMInfo) error {
+	return c.do(ctx, http.MethodPut, "/v1/vms/"+url.PathEscape(info.Name), info, nil)
+}
+
+// RemoveVM forgets a VM registered at run time.
+func (c *Client) RemoveVM(ctx context.Context, name string) error {
+	return c.do(ctx, http.MethodDelete, "/v1/vms/"+url.PathEscape(name), nil, nil)
+}
+
 func sessionPath(id, rest string) string { return "/v1/sessions/" + url.PathEscape(id) + rest }
 
 // do sends a request with body (nil: none) as JSON and decodes the JSON

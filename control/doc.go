@@ -15,6 +15,9 @@
 //	POST   /v1/sessions/{id}/abort       {"reason":…} → SessionInfo
 //	PUT    /v1/sessions/{id}/progress    MigrationProgress (from migtun migrate, for metrics)
 //	POST   /v1/sessions/{id}/vm-{op}     a VM operation for the peer (package migrate's types)
+//	GET    /v1/vms                       [VMInfo…] (a destination's VMs)
+//	PUT    /v1/vms/{name}                VMInfo: register a VM at run time
+//	DELETE /v1/vms/{name}                forget it
 //	GET    /v1/routes                    [RouteInfo…]
 //	PUT    /v1/routes/{channel}          {"target":"unix:/path"}
 //	DELETE /v1/routes/{channel}

@@ -125,3 +125,17 @@ type AbortRequest struct {
 	// Reason says why, for the logs of both hosts.
 	Reason string `json:"reason"`
 }
+
+// VMInfo is a VM registered on a destination: its name, its QMP socket,
+// and the peers that may migrate into it.
+type VMInfo struct {
+	Name string `json:"name"`
+	// QMP is "unix:PATH" of the VM's QMP socket.
+	QMP string `json:"qmp"`
+	// Peers are the certificate names of the peers that may migrate into
+	// the VM; empty: any peer the host accepts.
+	Peers []string `json:"peers,omitempty"`
+	// Source says how the VM became known: "flag" (serve --qmp), "api"
+	// (PUT /v1/vms/NAME) or "dir" (a NAME.qmp socket in serve --qmp-dir).
+	Source string `json:"source,omitempty"`
+}

@@ -106,7 +106,7 @@ func (d destVM) abort(ctx context.Context, reason string) error {
 	return d.ctl.VM(ctx, d.session, opAbort, VMRequest{VM: d.vm, Reason: reason}, nil)
 }
 
-var _ proxy.VMHandler = (*Controller)(nil)
+var _ proxy.VMRegistry = (*Controller)(nil)
 
 // ServeVM serves a VM operation a peer sent for one of its sessions; it
 // implements proxy.VMHandler.

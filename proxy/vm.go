@@ -32,6 +32,20 @@ type VMHandler interface {
 	SessionEnded(session string)
 }
 
+// VMRegistry is a VMHandler whose VMs are registered at run time through
+// the control endpoint (GET, PUT and DELETE /v1/vms/…). The VMs' QMP
+// sockets come from this host's operator only, never from a peer.
+type VMRegistry interface {
+	VMHandler
+	// VMs lists the registered VMs.
+	VMs() []control.VMInfo
+	// RegisterVM registers or replaces a VM.
+	RegisterVM(info control.VMInfo) error
+	// RemoveVM forgets a VM registered at run time; a VM being migrated
+	// into is refused (code busy).
+	RemoveVM(name string) error
+}
+
 // VMSession is what a VMHandler learns of the session an operation belongs
 // to.
 type VMSession struct {
@@ -147,4 +161,59 @@ func validVMOp(op string) bool {
 		}
 	}
 	return true
+}
+
+// registry returns the VM handler as a VMRegistry, or an error saying this
+// host registers no VMs at run time.
+func (s *Server) registry() (VMRegistry, error) {
+	if r, ok := s.cfg.VMs.(VMRegistry); ok {
+		return r, nil
+	}
+	return nil, control.Errorf(control.CodeNotFound, "this host drives no VM")
+}
+
+func (s *Server) handleListVMs(w http.ResponseWriter, r *http.Request) {
+	reg, err := s.registry()
+	if err != nil {
+		writeJSON(w, http.StatusOK, []control.VMInfo{})
+		return
+	}
+	writeJSON(w, http.StatusOK, reg.VMs())
+}
+
+func (s *Server) handlePutVM(w http.ResponseWriter, r *http.Request) {
+	var info control.VMInfo
+	if !readJSON(w, r, &info) {
+		return
+	}
+	if info.Name == "" {
+		info.Name = r.PathValue("name")
+	}
+	if info.Name != r.PathValue("name") {
+		writeError(w, control.Errorf(control.CodeBadRequest, "the body names VM %q, the path %q", info.Name, r.PathValue("name")))
+		return
+	}
+	reg, err := s.registry()
+	if err == nil {
+		err = reg.RegisterVM(info)
+	}
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	s.log.Info("VM registered", "vm", info.Name, "qmp", info.QMP, "peers", info.Peers)
+	writeJSON(w, http.StatusOK, info)
+}
+
+func (s *Server) handleDeleteVM(w http.ResponseWriter, r *http.Request) {
+	reg, err := s.registry()
+	if err == nil {
+		err = reg.RemoveVM(r.PathValue("name"))
+	}
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	s.log.Info("VM removed", "vm", r.PathValue("name"))
+	w.WriteHeader(http.StatusNoContent)
 }

@@ -11,6 +11,7 @@
 //	migtun session show|finish|abort --control unix:PATH ID
 //	migtun session list --control unix:PATH
 //	migtun migrate --control unix:PATH --peer HOST:PORT --qmp unix:SRC_QMP --dest-vm NAME [flags]
+//	migtun vm list|add|remove --control unix:PATH [NAME [unix:QMP_PATH]] [--peer NAME]...
 //	migtun bench [--transport tls,quic,plain] [--streams 1,4] [--size 4GiB] [--json] [--svg FILE]
 //	migtun version
 //
@@ -57,6 +58,7 @@ Usage:
   migtun serve ...                              run the sidecar
   migtun session prepare|show|list|finish|abort manage migration sessions
   migtun migrate ...                            live-migrate a QEMU VM, disks included, through a peer
+  migtun vm list|add|remove ...                 the VMs a destination's peers may migrate into
   migtun bench ...                              measure throughput and CPU per path
   migtun version                                print the version
 
@@ -78,6 +80,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return runSession(args[1:], stdout, stderr)
 	case "migrate":
 		return runMigrate(args[1:], stdout, stderr)
+	case "vm":
+		return runVM(args[1:], stdout, stderr)
 	case "bench":
 		return runBench(args[1:], stdout, stderr)
 	case "version", "--version", "-version":

@@ -44,6 +44,8 @@ type serveConfig struct {
 	Routes            []string                    `json:"routes"`
 	Forwards          []string                    `json:"forwards"`
 	VMs               map[string]migrate.VMConfig `json:"vms"`
+	QMPDir            string                      `json:"qmp_dir,omitempty"`
+	QMPDirPeers       []string                    `json:"qmp_dir_peers,omitempty"`
 	AllowPeers        []string                    `json:"allow_peers"`
 	InsecurePlaintext bool                        `json:"insecure_plaintext"`
 	DialTimeout       time.Duration               `json:"dial_timeout"`
@@ -153,7 +155,7 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 	if c.ControlListen != "" && c.ControlTokenFile == "" {
 		return nil, errors.New("serve: --control-listen needs --control-token-file: without a token any local user could drive migrations")
 	}
-	if len(c.VMs) > 0 {
+	if c.drivesVMs() {
 		// The VMs' QEMUs listen on sockets named after each session.
 		for _, ch := range []string{"main", "nbd"} {
 			if !slices.ContainsFunc(c.routes, func(r proxy.Route) bool { return r.Channel == ch }) {
@@ -176,10 +178,16 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 	return c, nil
 }
 
+// drivesVMs reports whether the host drives VMs for its peers: given by
+// --qmp or --qmp-dir, or registered at run time on its control endpoint.
+func (c *serveConfig) drivesVMs() bool {
+	return len(c.VMs) > 0 || c.QMPDir != "" || c.Control != "" || c.ControlListen != ""
+}
+
 // takesSessions reports whether the host serves migration sessions: it has
 // a control endpoint, a VM to drive or a CHANNEL=session route.
 func (c *serveConfig) takesSessions() bool {
-	return c.Control != "" || c.ControlListen != "" || len(c.VMs) > 0 ||
+	return c.drivesVMs() ||
 		slices.ContainsFunc(c.routes, func(r proxy.Route) bool { return r.Target == proxy.SessionSocket })
 }
 
@@ -210,6 +218,21 @@ func (c *serveConfig) define(fs *flag.FlagSet) {
 			c.VMs[name] = vm
 		}
 		return err
+	})
+	fs.Func("qmp-dir", "a directory of QMP sockets: each NAME.qmp in it is a VM peers may migrate into, looked up when a peer names it; then ,peer=NAME for each peer that may (DIR[,peer=NAME]...)", func(s string) error {
+		parts := strings.Split(s, ",")
+		if !filepath.IsAbs(parts[0]) {
+			return fmt.Errorf("%q: want an absolute directory", s)
+		}
+		c.QMPDir = parts[0]
+		for _, p := range parts[1:] {
+			peer, ok := strings.CutPrefix(p, "peer=")
+			if !ok || peer == "" {
+				return fmt.Errorf("%q: %q: want peer=NAME", s, p)
+			}
+			c.QMPDirPeers = append(c.QMPDirPeers, peer)
+		}
+		return nil
 	})
 	fs.Var((*listFlag)(&c.AllowPeers), "allow-peer", "accept only peers whose certificate names this (\"*.suffix\" allowed; repeatable; default: any peer with a certificate from the CA)")
 	fs.BoolVar(&c.InsecurePlaintext, "insecure-plaintext", false, "allow the plain transport, for a trusted migration network only: anyone on the path can read the guest's RAM and disks, and change them unnoticed (only who opens a stream is authenticated, and control still uses TLS)")
@@ -294,8 +317,15 @@ func watchCertificates(ctx context.Context, store *certs.Store) {
 // newServer turns the settings into a proxy.Server.
 func newServer(c *serveConfig, store *certs.Store, log *slog.Logger) (*proxy.Server, error) {
 	var vms proxy.VMHandler
-	if len(c.VMs) > 0 {
-		vms = migrate.NewController(c.VMs, log)
+	if c.drivesVMs() {
+		ctl := migrate.NewController(c.VMs, log)
+		if c.QMPDir != "" {
+			ctl.SetDir(c.QMPDir, c.QMPDirPeers)
+		}
+		vms = ctl
+	}
+	if c.QMPDir != "" && len(c.QMPDirPeers) == 0 && len(c.AllowPeers) == 0 {
+		log.Warn("any peer with a certificate of the CA may migrate into the VMs of --qmp-dir; bind them with ,peer=NAME or limit the peers with --allow-peer", "dir", c.QMPDir)
 	}
 	for name, vm := range c.VMs {
 		if len(vm.Peers) == 0 && len(c.AllowPeers) == 0 {
