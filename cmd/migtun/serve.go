@@ -252,7 +252,7 @@ func (c *serveConfig) define(fs *flag.FlagSet) {
 	fs.IntVar(&c.MaxPeerControl, "max-peer-control-requests", proxy.DefaultMaxPeerControlRequests, "control requests of one peer served at once, at most")
 	fs.IntVar(&c.MaxSessionStreams, "max-session-streams", proxy.DefaultMaxSessionStreams, "streams one session may open, at most")
 	fs.DurationVar(&c.FinishGrace, "finish-grace", proxy.DefaultFinishGrace, "how long finish waits for a session's streams to end before aborting them")
-	fs.StringVar(&c.LogFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&c.LogFormat, "log-format", "text", "log format: text, json, or journal (JSON behind the priority prefix systemd-journald reads)")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&c.printConfig, "print-config", false, "print the effective settings as JSON and exit, opening nothing")
 }
@@ -434,19 +434,4 @@ func certAttrs(c *x509.Certificate) []any {
 	}
 	return []any{"subject", c.Subject.CommonName, "serial", c.SerialNumber.Text(16),
 		"not_after", c.NotAfter.UTC().Format(time.RFC3339)}
-}
-
-func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
-	var lv slog.Level
-	if err := lv.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
-	}
-	opts := &slog.HandlerOptions{Level: lv}
-	switch format {
-	case "text":
-		return slog.New(slog.NewTextHandler(w, opts)), nil
-	case "json":
-		return slog.New(slog.NewJSONHandler(w, opts)), nil
-	}
-	return nil, fmt.Errorf("--log-format %q: want text or json", format)
 }

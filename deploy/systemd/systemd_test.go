@@ -142,7 +142,8 @@ func TestOptsExample(t *testing.T) {
 // TestExecStartServes starts the unit's ExecStart command line, expanded
 // from the environment file as systemd would, and checks that it serves:
 // the control socket in the runtime directory answers /healthz, the
-// metrics port answers /healthz and /metrics, logs are JSON lines, and SIGTERM stops it
+// metrics port answers /healthz and /metrics, logs are journal lines (a
+// priority, then JSON), and SIGTERM stops it
 // cleanly. Only what cannot be the same on a test machine is replaced: the
 // certificate files, loopback ports, and the runtime directory systemd
 // would make.
@@ -245,10 +246,12 @@ func TestExecStartServes(t *testing.T) {
 	if len(lines) == 0 {
 		t.Error("no log lines")
 	}
+	priority := map[string]string{"DEBUG": "<7>", "INFO": "<6>", "WARN": "<4>", "ERROR": "<3>"}
 	for _, l := range lines {
 		var rec struct{ Time, Level, Msg string }
-		if err := json.Unmarshal([]byte(l), &rec); err != nil || rec.Level == "" || rec.Msg == "" {
-			t.Errorf("log line is not a JSON record with level and msg: %q", l)
+		i := strings.Index(l, ">")
+		if i < 0 || json.Unmarshal([]byte(l[i+1:]), &rec) != nil || rec.Level == "" || rec.Msg == "" || l[:i+1] != priority[rec.Level] {
+			t.Errorf("log line is not a journal priority then a JSON record with level and msg: %q", l)
 		}
 	}
 }
