@@ -190,3 +190,28 @@ func TestWantCapsPreempt(t *testing.T) {
 		t.Fatalf("no postcopy asked: %v", caps)
 	}
 }
+
+// FuzzServeVM feeds VM operations as a peer would send them: each is
+// answered with an error that carries a code (never a panic), and nothing
+// is dialed for a peer the VM is not bound to.
+func FuzzServeVM(f *testing.F) {
+	for _, seed := range []string{`{"vm":"web1"}`, `{"vm":"web1","prepare":{"disks":[{"node":"d","size":1}],"capabilities":{"multifd":true},"multifd_channels":4}}`,
+		`{"vm":"web1","pause":3}`, `{"vm":"","reason":"x"}`, `{"vm":"web1","surprise":1}`, `[]`, `{`, ``} {
+		for _, op := range []string{opPrepare, opFinish, opRecover, opAbort, "reboot"} {
+			f.Add(op, []byte(seed))
+		}
+	}
+	c := NewController(map[string]VMConfig{"web1": {QMP: "/nonexistent/qmp", Peers: []string{"host-a"}}}, nil)
+	sess := proxy.VMSession{ID: "s1", Peer: "mallory", Targets: map[string]endpoint.Endpoint{"main": endpoint.Unix("/x/main.sock")}}
+	f.Fuzz(func(t *testing.T, op string, body []byte) {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_, err := c.ServeVM(ctx, op, sess, body)
+		if err == nil {
+			t.Fatalf("%s %q: served for a peer the VM is not bound to", op, body)
+		}
+		if code := control.CodeOf(err); code == control.CodeInternal {
+			t.Fatalf("%s %q: %v carries no code", op, body, err)
+		}
+	})
+}
