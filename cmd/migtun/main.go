@@ -26,12 +26,19 @@ import (
 	"os"
 	"runtime/debug"
 	"strings"
+	"syscall"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
 var version = ""
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "serve" {
+		// Every socket and file serve creates is its user's alone, from
+		// the moment it exists. (Set here, not in runServe, so that tests
+		// running commands in-process keep their own umask.)
+		syscall.Umask(0o077)
+	}
 	err := run(os.Args[1:], os.Stdout, os.Stderr)
 	if err == nil {
 		return

@@ -115,13 +115,21 @@ func TestAttackControlEndpoint(t *testing.T) {
 	ca := pki(t, "h")
 	base := []string{"serve", "--listen", "127.0.0.1:0", "--cert", filepath.Join(ca, "h.crt"), "--key", filepath.Join(ca, "h.key"),
 		"--ca", filepath.Join(ca, "ca.crt"), "--socket-dir", filepath.Join(dir, "s"), "--control-listen", "127.0.0.1:0"}
-	out, err := exec.Command(migtunBin, base...).CombinedOutput()
+	// Each of these must exit at once; the bound only turns a serve that
+	// started after all into a failure instead of a hang.
+	run := func(args ...string) ([]byte, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		return exec.CommandContext(ctx, migtunBin, args...).CombinedOutput()
+	}
+	out, err := run(base...)
 	if err == nil || !strings.Contains(string(out), "--control-listen needs --control-token-file") {
 		t.Fatalf("a TCP control endpoint without a token: %v\n%s", err, out)
 	}
 	token := filepath.Join(dir, "token")
-	os.WriteFile(token, []byte("0123456789abcdef0123456789abcdef\n"), 0o644)
-	out, err = exec.Command(migtunBin, append(base, "--control-token-file", token)...).CombinedOutput()
+	os.WriteFile(token, []byte("0123456789abcdef0123456789abcdef\n"), 0o600)
+	os.Chmod(token, 0o644) // whatever this process's umask (in-process serve tests set 077)
+	out, err = run(append(base, "--control-token-file", token)...)
 	if err == nil || !strings.Contains(string(out), "lets others read it") {
 		t.Fatalf("a token file others may read: %v\n%s", err, out)
 	}

@@ -82,9 +82,6 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	if cfg.printConfig {
 		return printJSON(stdout, cfg.effective())
 	}
-	// Every socket and file serve creates is its user's alone, from the
-	// moment it exists.
-	syscall.Umask(0o077)
 	log, err := newLogger(stderr, cfg.LogFormat, cfg.LogLevel)
 	if err != nil {
 		return err
