@@ -154,3 +154,28 @@ func TestCut(t *testing.T) {
 		t.Fatalf("after healing: %q, %v", buf, err)
 	}
 }
+
+func TestParseProfile(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want Config
+	}{
+		{"wan", Profiles["wan"]},
+		{"rtt=40ms,loss=1%,rate=200mbit", Config{Name: "rtt=40ms,loss=1%,rate=200mbit",
+			AtoB: Direction{Delay: 20 * time.Millisecond, Loss: 0.01, Rate: 200e6},
+			BtoA: Direction{Delay: 20 * time.Millisecond, Loss: 0.01, Rate: 200e6}}},
+		{"fat,queue=2MB,mtu=9000", Config{Name: "fat,queue=2MB,mtu=9000", MTU: 9000,
+			AtoB: Direction{Delay: 50 * time.Millisecond, Rate: 1e9, Queue: 2e6},
+			BtoA: Direction{Delay: 50 * time.Millisecond, Rate: 1e9, Queue: 2e6}}},
+	} {
+		got, err := ParseProfile(tc.in)
+		if err != nil || got != tc.want {
+			t.Errorf("ParseProfile(%q) = %+v, %v; want %+v", tc.in, got, err, tc.want)
+		}
+	}
+	for _, bad := range []string{"", "lan", "rtt=fast", "loss=200%", "wan,colour=red", "rate=-1"} {
+		if _, err := ParseProfile(bad); err == nil {
+			t.Errorf("ParseProfile(%q) accepted", bad)
+		}
+	}
+}
