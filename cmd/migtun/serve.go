@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/migtun/migtun/bench"
 	"github.com/migtun/migtun/certs"
 	"github.com/migtun/migtun/migrate"
 	"github.com/migtun/migtun/proxy"
@@ -63,6 +64,8 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	plaintext := fs.Bool("insecure-plaintext", false, "allow the plain transport: stream bytes cross the network unencrypted (peers are still authenticated)")
 	dialTimeout := fs.Duration("dial-timeout", tunnel.DefaultDialTimeout, "bound on connecting to a peer or to a local route")
 	handshakeTimeout := fs.Duration("handshake-timeout", tunnel.DefaultHandshakeTimeout, "bound on an incoming stream's handshake and header (quic: the handshake's idle timeout; at most twice it in all)")
+	tcpCongestion := fs.String("tcp-congestion", "", "TCP congestion control of the tunnel's connections (tls, plain): bbr, cubic, reno, or \"kernel\" for the host's default (default: bbr when the kernel has it)")
+	tcpBuffer := fs.String("tcp-buffer", bench.FormatSize(tunnel.DefaultSocketBuffer), "send and receive buffer of each tunnel TCP connection, e.g. 16MiB (as root beyond net.core.wmem_max), or \"kernel\" for the kernel's autotuning")
 	idleTimeout := fs.Duration("idle-timeout", tunnel.DefaultIdleTimeout, "a QUIC peer silent this long is declared dead; TCP connections probe a peer silent this long (keepalive) and give up after three probes")
 	drainTimeout := fs.Duration("drain-timeout", 30*time.Second, "on SIGTERM, how long streams in flight may go on before they are aborted")
 	control := fs.String("control", "", "the local control endpoint, a UNIX socket (mode 0600): unix:PATH (default: none)")
@@ -118,6 +121,14 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 			}
 		}
 	}
+	sockBuf := -1
+	if *tcpBuffer != "kernel" {
+		n, err := bench.ParseSize(*tcpBuffer)
+		if err != nil || n > 1<<30 {
+			return fmt.Errorf("serve: --tcp-buffer %q: want a size such as 16MiB, at most 1GiB, or kernel", *tcpBuffer)
+		}
+		sockBuf = int(n)
+	}
 	alpn := []string{tunnel.ALPN}
 	srv, err := proxy.New(proxy.Config{
 		Listen: *listen,
@@ -129,6 +140,8 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 			HandshakeTimeout: *handshakeTimeout,
 			DialTimeout:      *dialTimeout,
 			IdleTimeout:      *idleTimeout,
+			Congestion:       *tcpCongestion,
+			SocketBuffer:     sockBuf,
 		},
 		Routes:            routes,
 		Forwards:          forwards,
