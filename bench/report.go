@@ -232,7 +232,11 @@ func WriteTable(w io.Writer, r Report) error {
 		if p.MBps < 10 {
 			mbps = fmt.Sprintf("%.2f", p.MBps)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%.2f\t%.2f\t\t%s\n", p.Path, mbps, p.CPUPerGB, p.RelayCPUPerGB, strings.Join(rs, "  "))
+		cpu, relayCPU := fmt.Sprintf("%.2f", p.CPUPerGB), fmt.Sprintf("%.2f", p.RelayCPUPerGB)
+		if p.Partial { // not sampled when a path is cut short
+			cpu, relayCPU = "-", "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\t%s\n", p.Path, mbps, cpu, relayCPU, strings.Join(rs, "  "))
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "\n%s\n\ntargets:\n", r.CPUNote)
