@@ -2,7 +2,6 @@ package linkemu
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -17,9 +16,10 @@ type CheckResult struct {
 	// RTT is the quickest of several TCP handshakes across the link: the
 	// round trip, as a ping would show it.
 	RTT time.Duration
-	// Rate is the TCP payload rate, in bits per second, of one
-	// connection (bbr, large socket buffers) over the second half of the
-	// transfer, once slow start is over; 0 when the link has no rate.
+	// Rate is what one TCP connection (bbr, large socket buffers) moved
+	// across the link, in bits per second of IP packets as the relay
+	// delivered them, over the second half of the transfer, once slow
+	// start is over.
 	Rate float64
 	// Bytes is the volume of the transfer.
 	Bytes int64
@@ -41,8 +41,8 @@ func (r CheckResult) String() string {
 // from one TCP transfer lasting about d (default 3s, and at least 30 round
 // trips). A problem is reported when the round trip is off by more than
 // 10% (and 2ms), and, on a link without loss, when the rate is under 85% or
-// over 102% of the configured rate less TCP/IP headers, or when the relay
-// wrote more than 1% of the packets late. Check fails only when it cannot
+// over 102% of the configured one, or when the relay wrote more than 1% of
+// the packets late. Check fails only when it cannot
 // measure at all.
 func (l *Link) Check(ctx context.Context, d time.Duration) (CheckResult, error) {
 	var r CheckResult
@@ -64,13 +64,12 @@ func (l *Link) Check(ctx context.Context, d time.Duration) (CheckResult, error) 
 	defer cancel()
 	context.AfterFunc(ctx, func() { ln.Close() })
 	type recv struct {
-		half, end   time.Time
-		halfB, endB int64
-		err         error
+		n   int64
+		err error
 	}
 	results := make(chan recv, 16)
 	wg.Add(1)
-	go func() { // the receiver: counts bytes, noting the time at half of d
+	go func() { // the receiver: reads each connection to its end
 		defer wg.Done()
 		for {
 			c, err := ln.Accept()
@@ -83,28 +82,8 @@ func (l *Link) Check(ctx context.Context, d time.Duration) (CheckResult, error) 
 				defer c.Close()
 				stop := context.AfterFunc(ctx, func() { c.Close() })
 				defer stop()
-				buf := make([]byte, 1<<20)
-				var rv recv
-				var n int64
-				start := time.Now()
-				for {
-					k, err := c.Read(buf)
-					n += int64(k)
-					if rv.half.IsZero() && time.Since(start) >= d/2 {
-						rv.half, rv.halfB = time.Now(), n
-					}
-					if err != nil {
-						if !errors.Is(err, io.EOF) {
-							rv.err = err
-						}
-						break
-					}
-					if time.Since(start) >= d {
-						break // the transfer lasted d: enough
-					}
-				}
-				rv.end, rv.endB = time.Now(), n
-				results <- rv
+				n, err := io.Copy(io.Discard, c)
+				results <- recv{n, err}
 			}()
 		}
 	}()
@@ -134,9 +113,8 @@ func (l *Link) Check(ctx context.Context, d time.Duration) (CheckResult, error) 
 	if err != nil {
 		return r, fmt.Errorf("linkemu: check: %w", err)
 	}
-	atob0, _ := l.Stats()
 	wg.Add(1)
-	go func() { // the sender: writes until the receiver has seen enough and c is closed
+	go func() { // the sender: writes until c is closed
 		defer wg.Done()
 		buf := make([]byte, 1<<20)
 		for {
@@ -145,23 +123,35 @@ func (l *Link) Check(ctx context.Context, d time.Duration) (CheckResult, error) 
 			}
 		}
 	}()
-	rv := <-results
-	c.Close()
-	if rv.err != nil {
-		return r, fmt.Errorf("linkemu: check transfer: %w", rv.err)
+	// The rate is what the relay delivered over the second half.
+	wait := func(d time.Duration) error {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
-	r.Bytes = rv.endB
-	if !rv.half.IsZero() && rv.end.After(rv.half) {
-		r.Rate = float64(rv.endB-rv.halfB) * 8 / rv.end.Sub(rv.half).Seconds()
+	err = wait(d / 2)
+	atob0, _ := l.Stats()
+	t0 := time.Now()
+	if err == nil {
+		err = wait(d / 2)
 	}
 	atob1, _ := l.Stats()
+	r.Rate = float64(atob1.Delivered-atob0.Delivered) * 8 / time.Since(t0).Seconds()
+	c.SetLinger(0) // a reset: the megabytes still queued need not cross
+	c.Close()
+	rv := <-results
+	if err != nil {
+		return r, fmt.Errorf("linkemu: check transfer: %w", err)
+	}
+	r.Bytes = rv.n
 	dir := cfg.AtoB
-	if dir.Rate > 0 && dir.Loss == 0 && cfg.BtoA.Loss == 0 {
-		payload := dir.Rate * float64(cfg.MTU-52) / float64(cfg.MTU) // IPv4 + TCP with timestamps
-		if r.Rate < 0.85*payload || r.Rate > 1.02*payload {
-			r.Problems = append(r.Problems, fmt.Sprintf("one TCP stream at %.1f Mbit/s, configured %s (%.1f Mbit/s of payload)",
-				r.Rate/1e6, FormatRate(dir.Rate), payload/1e6))
-		}
+	if dir.Rate > 0 && dir.Loss == 0 && cfg.BtoA.Loss == 0 && (r.Rate < 0.85*dir.Rate || r.Rate > 1.02*dir.Rate) {
+		r.Problems = append(r.Problems, fmt.Sprintf("one TCP stream at %.1f Mbit/s, configured %s", r.Rate/1e6, FormatRate(dir.Rate)))
 	}
 	if pk := atob1.Packets - atob0.Packets; pk > 0 && float64(atob1.Late-atob0.Late) > 0.01*float64(pk) {
 		r.Problems = append(r.Problems, fmt.Sprintf("relay late on %d of %d packets (max %s): it cannot keep up",

@@ -378,8 +378,9 @@ func (l *Link) DialTCP(ctx context.Context, s Side, d *net.Dialer, addr string) 
 type Stats struct {
 	// Packets read from the sending namespace.
 	Packets int64
-	// Bytes of the packets read.
-	Bytes int64
+	// Bytes of the packets read; Delivered of those written to the other
+	// side.
+	Bytes, Delivered int64
 	// Lost were dropped at random (Loss) or by Cut; Overflow did not fit
 	// the rate limit's queue.
 	Lost, Overflow int64

@@ -44,6 +44,7 @@ type pipe struct {
 	nextFree time.Time
 
 	packets, bytes, lost, overflow, reordered, late atomic.Int64
+	delivered                                       atomic.Int64
 	maxLate                                         atomic.Int64
 }
 
@@ -144,6 +145,7 @@ func (p *pipe) writeLoop() {
 				}
 			}
 			_, _ = p.out.Write(pk.buf) // a full queue in the kernel drops, as a link would
+			p.delivered.Add(int64(len(pk.buf)))
 			b := pk.buf[:cap(pk.buf)]
 			p.pool.Put(&b)
 			due[i] = packet{}
@@ -216,6 +218,6 @@ func (p *pipe) pop() packet {
 }
 
 func (p *pipe) stats() Stats {
-	return Stats{Packets: p.packets.Load(), Bytes: p.bytes.Load(), Lost: p.lost.Load(), Overflow: p.overflow.Load(),
+	return Stats{Packets: p.packets.Load(), Bytes: p.bytes.Load(), Delivered: p.delivered.Load(), Lost: p.lost.Load(), Overflow: p.overflow.Load(),
 		Reordered: p.reordered.Load(), Late: p.late.Load(), MaxLate: time.Duration(p.maxLate.Load())}
 }
