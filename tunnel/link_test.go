@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -28,7 +29,7 @@ type linkPair struct {
 
 // newLinkPair starts the link cfg and a pair of hosts across it; it skips
 // the test when this machine cannot make a link, or fails it under CI=true.
-func newLinkPair(t *testing.T, cfg linkemu.Config, tr Transport) *linkPair {
+func newLinkPair(t *testing.T, cfg linkemu.Config, tr Transport, idle time.Duration) *linkPair {
 	t.Helper()
 	why := ""
 	if os.Geteuid() != 0 {
@@ -51,14 +52,15 @@ func newLinkPair(t *testing.T, cfg linkemu.Config, tr Transport) *linkPair {
 	src, dst := ca.NewHost(t, "src"), ca.NewHost(t, "dst")
 	p := &linkPair{link: l}
 	err = l.Do(linkemu.B, func() (err error) {
-		p.ln, err = Listen(linkemu.AddrB+":0", &Config{Transport: tr, ServerTLS: dst.Server, ClientTLS: dst.Client, AllowPlaintext: true})
+		p.ln, err = Listen(linkemu.AddrB+":0", &Config{Transport: tr, ServerTLS: dst.Server, ClientTLS: dst.Client, AllowPlaintext: true,
+			IdleTimeout: idle})
 		return err
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	// The certificates name hosts, not the link's addresses.
-	p.d, err = NewDialer(&Config{Transport: tr, ServerTLS: src.Server, AllowPlaintext: true,
+	p.d, err = NewDialer(&Config{Transport: tr, ServerTLS: src.Server, AllowPlaintext: true, IdleTimeout: idle,
 		ClientTLS: func(string) *tls.Config { return src.Client("dst") }})
 	if err != nil {
 		t.Fatal(err)
@@ -119,7 +121,7 @@ func TestAcrossLossyLink(t *testing.T) {
 		t.Run(string(tr), func(t *testing.T) {
 			cfg := linkemu.Profiles["lossy"]
 			cfg.Seed = 7
-			p := newLinkPair(t, cfg, tr)
+			p := newLinkPair(t, cfg, tr, 0)
 			size := 16 << 20
 			if tr == QUIC {
 				size = 4 << 20 // quic-go's NewReno crawls at 1% loss
@@ -160,10 +162,23 @@ func TestAcrossLossyLink(t *testing.T) {
 // every byte, or fails at both ends with an error, having delivered only
 // a prefix of what was sent; it never hangs (TCP gives up after
 // TCP_USER_TIMEOUT, three idle timeouts; QUIC after one idle timeout).
+// With an idle timeout of 15s, tls must recover: TCP's retransmissions
+// reach the healed link long before 45s.
 func TestLinkDownTenSeconds(t *testing.T) {
-	for _, tr := range transports {
-		t.Run(string(tr), func(t *testing.T) {
-			p := newLinkPair(t, linkemu.Symmetric(20*time.Millisecond, 0, 100e6), tr)
+	type run struct {
+		tr      Transport
+		idle    time.Duration
+		recover bool
+	}
+	runs := []run{{TLS, 0, false}, {QUIC, 0, false}, {Plain, 0, false}, {TLS, 15 * time.Second, true}}
+	for _, r := range runs {
+		tr := r.tr
+		name := string(tr)
+		if r.idle > 0 {
+			name += fmt.Sprintf(" idle %s", r.idle)
+		}
+		t.Run(name, func(t *testing.T) {
+			p := newLinkPair(t, linkemu.Symmetric(20*time.Millisecond, 0, 100e6), tr, r.idle)
 			const size = 48 << 20
 			data := make([]byte, size)
 			rand.Read(data)
@@ -207,6 +222,8 @@ func TestLinkDownTenSeconds(t *testing.T) {
 				t.Logf("%s: recovered after the link healed", tr)
 			case a.err == nil:
 				t.Fatalf("the writer failed (%v) but the reader saw a clean end after %d bytes", we, a.n)
+			case r.recover:
+				t.Fatalf("with idle timeout %s the stream should have recovered; failed after %d bytes: reader %v, writer %v", r.idle, a.n, a.err, we)
 			default:
 				if a.sum != sha256.Sum256(data[:a.n]) {
 					t.Fatalf("failed after %d bytes, which differ from those sent", a.n)
