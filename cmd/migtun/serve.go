@@ -92,6 +92,14 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 	if tr == tunnel.Plain && !*plaintext {
 		return errors.New("serve: --transport plain sends migration bytes unencrypted; add --insecure-plaintext to say that is intended")
 	}
+	sockBuf := -1
+	if *tcpBuffer != "kernel" {
+		n, err := bench.ParseSize(*tcpBuffer)
+		if err != nil || n > 1<<30 {
+			return fmt.Errorf("serve: --tcp-buffer %q: want a size such as 16MiB, at most 1GiB, or kernel", *tcpBuffer)
+		}
+		sockBuf = int(n)
+	}
 	log, err := newLogger(stderr, *logFormat, *logLevel)
 	if err != nil {
 		return err
@@ -120,14 +128,6 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 				routes = append(routes, proxy.Route{Channel: ch, Target: proxy.SessionSocket})
 			}
 		}
-	}
-	sockBuf := -1
-	if *tcpBuffer != "kernel" {
-		n, err := bench.ParseSize(*tcpBuffer)
-		if err != nil || n > 1<<30 {
-			return fmt.Errorf("serve: --tcp-buffer %q: want a size such as 16MiB, at most 1GiB, or kernel", *tcpBuffer)
-		}
-		sockBuf = int(n)
 	}
 	alpn := []string{tunnel.ALPN}
 	srv, err := proxy.New(proxy.Config{
