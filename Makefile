@@ -7,7 +7,7 @@ FUZZTIME ?= 60s
 BIN      := bin/migtun
 VERSION  := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: all build deps demo test vet unit bench-smoke fuzz clean
+.PHONY: all build deps demo test vet unit bench-smoke fuzz clean image deploy-test
 
 all: build
 
@@ -21,7 +21,7 @@ deps:
 demo: deps build
 	$(GO) run ./internal/demo --migtun $(BIN)
 
-test: deps vet unit bench-smoke
+test: deps vet unit bench-smoke deploy-test
 
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
@@ -47,3 +47,17 @@ fuzz:
 
 clean:
 	rm -rf bin
+
+# The systemd unit, Kubernetes manifests and OCI image under deploy/, a Go
+# module of its own so their test dependencies stay out of the main module.
+deploy-test:
+	./deploy/deps.sh
+	cd deploy && $(GO) vet ./... && $(GO) test -race -shuffle=on -timeout 20m ./...
+
+# The OCI image (static binary only), without a container daemon: an OCI
+# layout in bin/migtun-image and an archive in bin/migtun-image.tar
+# (podman load -i bin/migtun-image.tar).
+image:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-X main.version=$(VERSION)" -o bin/migtun-static ./cmd/migtun
+	cd deploy && $(GO) run ./cmd/migtun-image --binary ../bin/migtun-static --version $(VERSION) \
+	  --created $$(git log -1 --format=%ct 2>/dev/null || echo 0) --layout ../bin/migtun-image --archive ../bin/migtun-image.tar

@@ -6,16 +6,24 @@ import (
 	"errors"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/migtun/migtun/control"
+	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/proxy"
 )
 
 func TestParseVM(t *testing.T) {
-	name, path, err := ParseVM("vm1=unix:/run/vm1.qmp")
-	if err != nil || name != "vm1" || path != "/run/vm1.qmp" {
-		t.Fatalf("got %q %q %v", name, path, err)
+	name, cfg, err := ParseVM("vm1=unix:/run/vm1.qmp")
+	if err != nil || name != "vm1" || cfg.QMP != "/run/vm1.qmp" || cfg.Peers != nil {
+		t.Fatalf("got %q %+v %v", name, cfg, err)
 	}
-	for _, bad := range []string{"vm1", "=unix:/x", "vm1=/x", "vm1=tcp:1.2.3.4:5", "v m=unix:/x", "vm1=unix:"} {
+	name, cfg, err = ParseVM("web1=unix:/run/web1.qmp,peer=host-a,peer=host-c")
+	if err != nil || name != "web1" || cfg.QMP != "/run/web1.qmp" || strings.Join(cfg.Peers, " ") != "host-a host-c" {
+		t.Fatalf("got %q %+v %v", name, cfg, err)
+	}
+	for _, bad := range []string{"vm1", "=unix:/x", "vm1=/x", "vm1=tcp:1.2.3.4:5", "v m=unix:/x", "vm1=unix:",
+		"vm1=unix:/x,peer=", "vm1=unix:/x,host-a", ".vm=unix:/x"} {
 		if _, _, err := ParseVM(bad); err == nil {
 			t.Errorf("ParseVM(%q) accepted", bad)
 		}
@@ -27,10 +35,10 @@ func TestMatchDisks(t *testing.T) {
 	json.Unmarshal([]byte(`[{"node-name":"disk0","ro":false,"image":{"virtual-size":1024}},
 		{"node-name":"disk0-file","image":{"virtual-size":1024}},
 		{"node-name":"cd","ro":true,"image":{"virtual-size":1024}}]`), &nodes)
-	if err := matchDisks(nodes, []proxy.VMDisk{{Node: "disk0", Size: 1024}}); err != nil {
+	if err := matchDisks(nodes, []VMDisk{{Node: "disk0", Size: 1024}}); err != nil {
 		t.Fatal(err)
 	}
-	err := matchDisks(nodes, []proxy.VMDisk{{Node: "disk0", Size: 2048}, {Node: "disk1", Size: 1}, {Node: "cd", Size: 1024}})
+	err := matchDisks(nodes, []VMDisk{{Node: "disk0", Size: 2048}, {Node: "disk1", Size: 1}, {Node: "cd", Size: 1024}})
 	for _, want := range []string{`"disk0" has 1024 bytes, the source's has 2048`, `no block node "disk1"`, `"cd" is read-only`} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("error %v does not say %q", err, want)
@@ -88,10 +96,10 @@ func TestNBDServer(t *testing.T) {
 }
 
 func TestEndpointURI(t *testing.T) {
-	if u, _ := endpointURI(proxy.Endpoint{Network: "unix", Address: "/a"}); u != "unix:/a" {
+	if u, _ := endpointURI(endpoint.Endpoint{Network: "unix", Address: "/a"}); u != "unix:/a" {
 		t.Fatal(u)
 	}
-	if u, _ := endpointURI(proxy.Endpoint{Network: "tcp", Address: "127.0.0.1:1"}); u != "tcp:127.0.0.1:1" {
+	if u, _ := endpointURI(endpoint.Endpoint{Network: "tcp", Address: "127.0.0.1:1"}); u != "tcp:127.0.0.1:1" {
 		t.Fatal(u)
 	}
 	if _, err := endpointURI(proxy.SessionSocket); err == nil {
@@ -102,16 +110,16 @@ func TestEndpointURI(t *testing.T) {
 // The controller refuses unknown VMs and VMs of another session before
 // touching any socket.
 func TestControllerRefuses(t *testing.T) {
-	c := NewController(map[string]string{"vm1": "/nonexistent/qmp"}, nil)
+	c := NewController(map[string]VMConfig{"vm1": {QMP: "/nonexistent/qmp"}}, nil)
 	ctx := context.Background()
-	if _, err := c.PrepareIncoming(ctx, "vm2", proxy.VMIncoming{Session: "s1"}); err == nil ||
-		!strings.Contains(err.Error(), `unknown VM "vm2" on this host (registered: vm1)`) {
+	if _, err := c.PrepareIncoming(ctx, "vm2", Incoming{Session: "s1"}); !errors.Is(err, control.ErrNotFound) ||
+		!strings.Contains(err.Error(), `unknown VM "vm2" on this host`) {
 		t.Fatalf("unknown VM: %v", err)
 	}
-	if _, err := c.FinishIncoming(ctx, "vm1", "s1", false); err == nil || !strings.Contains(err.Error(), "not prepared") {
+	if _, err := c.FinishIncoming(ctx, "vm1", "s1", false); !errors.Is(err, control.ErrNotPrepared) {
 		t.Fatalf("finish unprepared: %v", err)
 	}
-	if err := c.RecoverIncoming(ctx, "vm1", "s1", proxy.Endpoint{Network: "unix", Address: "/nonexistent/in.sock"}); err == nil || !strings.Contains(err.Error(), "not prepared") {
+	if err := c.RecoverIncoming(ctx, "vm1", "s1", 1, endpoint.Unix("/nonexistent/in.sock")); !errors.Is(err, control.ErrNotPrepared) {
 		t.Fatalf("recover unprepared: %v", err)
 	}
 	if err := c.AbortIncoming(ctx, "vm1", "s1"); err != nil {
@@ -121,8 +129,34 @@ func TestControllerRefuses(t *testing.T) {
 	if _, err := c.acquire("vm1", "s1", true); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.acquire("vm1", "s2", true); err == nil || !strings.Contains(err.Error(), "busy") {
+	if _, err := c.acquire("vm1", "s2", true); !errors.Is(err, control.ErrBusy) {
 		t.Fatalf("second session: %v", err)
+	}
+}
+
+// TestVMBoundToPeers: a VM bound to peers refuses every operation of
+// another peer's session, before touching its QMP socket; the operations
+// check what they are given.
+func TestVMBoundToPeers(t *testing.T) {
+	c := NewController(map[string]VMConfig{"web1": {QMP: "/nonexistent/qmp", Peers: []string{"host-a"}}}, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	sess := proxy.VMSession{ID: "s1", Peer: "mallory", Targets: map[string]endpoint.Endpoint{"main": endpoint.Unix("/x/main.sock")}}
+	for _, op := range []string{opPrepare, opFinish, opRecover, opAbort} {
+		if _, err := c.ServeVM(ctx, op, sess, json.RawMessage(`{"vm":"web1"}`)); !errors.Is(err, control.ErrForbidden) {
+			t.Errorf("%s by another peer: %v, want code forbidden", op, err)
+		}
+	}
+	sess.Peer = "host-a"
+	if _, err := c.ServeVM(ctx, opPrepare, sess, json.RawMessage(`{"vm":"web1","prepare":{"disks":[{"node":"d","size":1}]}}`)); !errors.Is(err, control.ErrBadRequest) ||
+		!strings.Contains(err.Error(), "no nbd channel") {
+		t.Errorf("disks without an nbd channel: %v", err)
+	}
+	if _, err := c.ServeVM(ctx, "reboot", sess, json.RawMessage(`{"vm":"web1"}`)); !errors.Is(err, control.ErrBadRequest) {
+		t.Errorf("unknown operation: %v", err)
+	}
+	if _, err := c.ServeVM(ctx, opPrepare, sess, json.RawMessage(`{"vm":"web1","surprise":1}`)); err == nil {
+		t.Errorf("unknown field accepted")
 	}
 }
 

@@ -9,6 +9,11 @@
 // listener — the socket QEMU or libvirt connects to instead of the other
 // host — whose connections become streams of one channel.
 //
+// A route takes only the streams of migration sessions, each carrying its
+// session's ID and secret token, unless it is Sessionless: then peers may
+// also reach it with plain forwards. A peer can never choose where bytes
+// go, and without a session's token it cannot reach a channel sessions use.
+//
 // The relay between a local connection and a stream is full duplex: the end
 // of one direction is passed on as a half close while the other keeps
 // flowing, and a failure of either aborts both so that QEMU sees it. Between
@@ -17,7 +22,7 @@
 //	srv, err := proxy.New(proxy.Config{
 //		Listen: "0.0.0.0:7400",
 //		Tunnel: &tunnel.Config{ServerTLS: store.ServerConfig(nil), ClientTLS: clientTLS},
-//		Routes: []proxy.Route{{Channel: "main", Target: proxy.Endpoint{Network: "unix", Address: "/run/qemu/in.sock"}}},
+//		Routes: []proxy.Route{{Channel: "main", Target: endpoint.Unix("/run/qemu/in.sock"), Sessionless: true}},
 //	})
 //	err = srv.Start()
 //	defer srv.Shutdown(ctx)

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/internal/leaktest"
 	"github.com/migtun/migtun/internal/testlog"
 	"github.com/migtun/migtun/internal/testpki"
@@ -75,7 +76,9 @@ func sockDir(t *testing.T) string {
 	return dir
 }
 
-func unixEndpoint(path string) proxy.Endpoint { return proxy.Endpoint{Network: "unix", Address: path} }
+func unixEndpoint(path string) endpoint.Endpoint {
+	return endpoint.Endpoint{Network: "unix", Address: path}
+}
 
 // serveUnix serves path with handle, called with each connection's accept
 // order. The cleanup closes the listener and the connections and waits for
@@ -193,7 +196,7 @@ func readsEnd(t *testing.T, c net.Conn) {
 func testEcho(t *testing.T, tr tunnel.Transport) {
 	target := filepath.Join(sockDir(t), "echo.sock")
 	serveUnix(t, target, echoConn)
-	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(target)}}, "main")
+	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(target), Sessionless: true}}, "main")
 	c := dialForward(t, b.fwd["main"])
 	c.SetDeadline(time.Now().Add(time.Minute))
 	msg := make([]byte, 1<<20)
@@ -232,7 +235,7 @@ func testOrder(t *testing.T, tr tunnel.Transport) {
 		arrivals <- arrival{n, b[0], err}
 		io.Copy(io.Discard, c)
 	})
-	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(target)}}, "main")
+	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(target), Sessionless: true}}, "main")
 	const conns = 8
 	for round := range 20 {
 		var clients []net.Conn
@@ -277,15 +280,21 @@ func testNoRoute(t *testing.T, tr tunnel.Transport) {
 	b.dstLog.line(t, `msg="stream refused"`, "channel=nbd", "reason=no_route")
 }
 
-// testDialFailed routes a channel to a UNIX socket that does not exist.
+// testDialFailed routes a channel to a UNIX socket that does not exist:
+// the source learns the local connect failed, never the path; the
+// destination's own log names it.
 func testDialFailed(t *testing.T, tr tunnel.Transport) {
 	missing := filepath.Join(sockDir(t), "missing.sock")
-	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(missing)}}, "main")
+	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(missing), Sessionless: true}}, "main")
 	readsEnd(t, dialForward(t, b.fwd["main"]))
 	b.src.Close()
-	b.srcLog.line(t, `msg="stream not opened"`, "channel=main", "dial_failed", "missing.sock")
+	b.srcLog.line(t, `msg="stream not opened"`, "channel=main", "dial_failed")
+	if strings.Contains(b.srcLog.String(), "missing.sock") {
+		t.Errorf("the peer's refusal names the destination's local path:\n%s", b.srcLog.String())
+	}
 	b.dst.Close()
 	b.dstLog.line(t, `msg="stream refused"`, "reason=dial_failed")
+	b.dstLog.line(t, `msg="route target unreachable"`, "missing.sock")
 }
 
 // testShutdown stops the source while an idle relay is open: Shutdown
@@ -293,7 +302,7 @@ func testDialFailed(t *testing.T, tr tunnel.Transport) {
 func testShutdown(t *testing.T, tr tunnel.Transport) {
 	target := filepath.Join(sockDir(t), "echo.sock")
 	serveUnix(t, target, echoConn)
-	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(target)}}, "main")
+	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(target), Sessionless: true}}, "main")
 	c := dialForward(t, b.fwd["main"])
 	c.SetDeadline(time.Now().Add(time.Minute))
 	if _, err := c.Write([]byte("ping")); err != nil {

@@ -99,7 +99,13 @@ type Config struct {
 	// of it apart, and sent data unacknowledged for three times it ends the
 	// connection (TCP_USER_TIMEOUT).
 	IdleTimeout time.Duration
-	// Logger receives one line per refused stream and, at debug level, one
+	// MaxHandshakes bounds the incoming TCP connections that have not yet
+	// finished their handshake and header, each holding a descriptor and a
+	// goroutine for up to HandshakeTimeout; more are closed at once and
+	// refused with ReasonLimit. Default 256. (quic-go bounds its own.)
+	MaxHandshakes int
+	// Logger receives a line per refused stream (at most one a second for
+	// each reason, with a count of those left out) and, at debug level, one
 	// per handshake naming the certificate the peer presented; nil discards.
 	Logger *slog.Logger
 	// OnRefused, when set, is called once for every incoming stream refused by
@@ -110,6 +116,9 @@ type Config struct {
 	// when not known: quic-go completes incoming handshakes by itself).
 	OnHandshake func(t Transport, direction string, took time.Duration)
 }
+
+// DefaultMaxHandshakes is the default of Config.MaxHandshakes.
+const DefaultMaxHandshakes = 256
 
 // ErrNoTLS is returned when a Config lacks its TLS settings.
 var ErrNoTLS = errors.New("tunnel: ServerTLS and ClientTLS are required")
@@ -150,6 +159,9 @@ func (c *Config) withDefaults() (*Config, error) {
 	}
 	if out.IdleTimeout <= 0 {
 		out.IdleTimeout = DefaultIdleTimeout
+	}
+	if out.MaxHandshakes <= 0 {
+		out.MaxHandshakes = DefaultMaxHandshakes
 	}
 	if out.Logger == nil {
 		out.Logger = slog.New(slog.DiscardHandler)

@@ -102,11 +102,16 @@ type Listener struct {
 	udp  net.PacketConn
 	keys serverKeys
 
-	incoming chan *Incoming
-	ctx      context.Context
-	cancel   context.CancelFunc
-	wg       sync.WaitGroup
-	once     sync.Once
+	incoming   chan *Incoming
+	handshakes chan struct{} // a slot per TCP connection in its handshake
+	ctx        context.Context
+	cancel     context.CancelFunc
+	wg         sync.WaitGroup
+	once       sync.Once
+
+	logMu    sync.Mutex
+	lastLog  map[Reason]time.Time
+	quietLog map[Reason]int
 }
 
 // Listen starts serving addr ("host:port") with the transport of cfg.
@@ -116,7 +121,8 @@ func Listen(addr string, cfg *Config) (*Listener, error) {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	l := &Listener{cfg: c, tls: c.serverTLS(c.Transport != QUIC), incoming: make(chan *Incoming), ctx: ctx, cancel: cancel}
+	l := &Listener{cfg: c, tls: c.serverTLS(c.Transport != QUIC), incoming: make(chan *Incoming), ctx: ctx, cancel: cancel,
+		handshakes: make(chan struct{}, c.MaxHandshakes), lastLog: map[Reason]time.Time{}, quietLog: map[Reason]int{}}
 	switch c.Transport {
 	case QUIC:
 		udp, err := net.ListenPacket("udp", addr)
@@ -187,11 +193,26 @@ func (l *Listener) Close() error {
 	return err
 }
 
+// logRefused counts a refusal and logs it, at most once a second for each
+// reason: an unauthenticated flood must not flood the log too.
 func (l *Listener) logRefused(remote net.Addr, err error) {
 	r := ReasonOf(err)
 	l.cfg.OnRefused(r)
-	l.cfg.Logger.Warn("stream refused", slog.String("remote", remote.String()),
-		slog.String("reason", r.String()), slog.String("err", err.Error()))
+	l.logMu.Lock()
+	now := time.Now()
+	if now.Sub(l.lastLog[r]) < time.Second {
+		l.quietLog[r]++
+		l.logMu.Unlock()
+		return
+	}
+	quiet := l.quietLog[r]
+	l.lastLog[r], l.quietLog[r] = now, 0
+	l.logMu.Unlock()
+	attrs := []any{slog.String("remote", remote.String()), slog.String("reason", r.String()), slog.String("err", err.Error())}
+	if quiet > 0 {
+		attrs = append(attrs, slog.Int("suppressed", quiet))
+	}
+	l.cfg.Logger.Warn("stream refused", attrs...)
 }
 
 // deliver hands in to Accept, or closes it if the listener is closing.
@@ -227,6 +248,16 @@ func (l *Listener) acceptTCP() {
 		}
 		backoff = 0
 		tc := c.(*net.TCPConn)
+		select {
+		case l.handshakes <- struct{}{}:
+		default:
+			// Too many connections in their handshake: refuse at once,
+			// before any TLS work, rather than queue.
+			tc.SetLinger(0)
+			tc.Close()
+			l.logRefused(tc.RemoteAddr(), &RefusedError{Reason: ReasonLimit, Detail: "too many connections in their handshake"})
+			continue
+		}
 		_ = tc.SetKeepAliveConfig(keepAlive(l.cfg.IdleTimeout))
 		_ = setUserTimeout(tc, userTimeout(l.cfg.IdleTimeout))
 		l.wg.Add(1)
@@ -240,12 +271,18 @@ const tlsRecordHandshake = 0x16
 // handshakeTCP authenticates one TCP connection and reads its header.
 func (l *Listener) handshakeTCP(c *net.TCPConn) {
 	defer l.wg.Done()
+	release := sync.OnceFunc(func() { <-l.handshakes })
+	defer release()
 	stop := context.AfterFunc(l.ctx, func() { c.Close() })
 	defer stop()
 	_ = c.SetDeadline(time.Now().Add(l.cfg.HandshakeTimeout))
 	var first [1]byte
 	if _, err := io.ReadFull(c, first[:]); err != nil {
-		l.logRefused(c.RemoteAddr(), &RefusedError{Reason: ReasonMalformed, Detail: "no header: " + err.Error()})
+		reason := ReasonMalformed
+		if isTimeout(err) {
+			reason = ReasonTimeout
+		}
+		l.logRefused(c.RemoteAddr(), &RefusedError{Reason: reason, Detail: "no header: " + err.Error()})
 		c.Close()
 		return
 	}
@@ -268,6 +305,7 @@ func (l *Listener) handshakeTCP(c *net.TCPConn) {
 		c.Close()
 		return
 	}
+	release() // authenticated: no longer counted while it waits for its owner
 	l.deliver(in)
 }
 

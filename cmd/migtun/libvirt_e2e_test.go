@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/migtun/migtun/control"
 	"github.com/migtun/migtun/internal/vmtest"
-	"github.com/migtun/migtun/proxy"
 )
 
 // libvirtRig is two libvirt QEMU daemons, "hosts" a and b, each in its own
@@ -78,7 +78,8 @@ func newLibvirtRig(t *testing.T) *libvirtRig {
 	r.uriA, r.uriB = uris[0], uris[1]
 
 	ca := pki(t, "src", "dst")
-	r.srcCtl, r.dstCtl = "unix:"+filepath.Join(r.dir, "src.ctl"), "unix:"+filepath.Join(r.dir, "dst.ctl")
+	// The control sockets live in a directory only root can enter.
+	r.srcCtl, r.dstCtl = "unix:"+filepath.Join(r.dir, "ctl", "src.ctl"), "unix:"+filepath.Join(r.dir, "ctl", "dst.ctl")
 	in := func(host string) []string { return []string{script, "exec", r.dir, host} }
 	dst := startServe(t, ca, "dst", in("b"), "--socket-dir", "/run/migtun", "--control", r.dstCtl,
 		"--route", "libvirt=unix:"+filepath.Join(r.dir, "b", "sock", "libvirt-sock"),
@@ -287,7 +288,7 @@ const domainXML = `<domain type='%s'>
 
 // prepareLibvirt runs "migtun session prepare --libvirt" on the source and
 // returns the session and the virsh command it printed after the JSON.
-func (r *libvirtRig) prepareLibvirt(t *testing.T, channels ...string) (proxy.SessionInfo, string) {
+func (r *libvirtRig) prepareLibvirt(t *testing.T, channels ...string) (control.SessionInfo, string) {
 	t.Helper()
 	args := []string{"session", "prepare", "--control", r.srcCtl, "--peer", r.dstAddr, "--libvirt"}
 	for _, c := range channels {
@@ -299,7 +300,7 @@ func (r *libvirtRig) prepareLibvirt(t *testing.T, channels ...string) (proxy.Ses
 	}
 	sr := strings.NewReader(out)
 	dec := json.NewDecoder(sr)
-	var info proxy.SessionInfo
+	var info control.SessionInfo
 	if err := dec.Decode(&info); err != nil {
 		t.Fatalf("session prepare printed %q: %v", out, err)
 	}
@@ -307,7 +308,7 @@ func (r *libvirtRig) prepareLibvirt(t *testing.T, channels ...string) (proxy.Ses
 	return info, string(bytes.TrimSpace(rest))
 }
 
-func (r *libvirtRig) finish(t *testing.T, id string) proxy.FinishReport {
+func (r *libvirtRig) finish(t *testing.T, id string) control.FinishReport {
 	t.Helper()
 	return finishSession(t, r.srcCtl, id)
 }

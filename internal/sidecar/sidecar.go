@@ -21,6 +21,9 @@ import (
 type Proc struct {
 	// Addr is the tunnel port it listens on, read from its ready line.
 	Addr string
+	// Control are its control endpoints ("unix:PATH", "tcp:HOST:PORT"),
+	// read from its ready line.
+	Control []string
 	// LogPath is the file its stderr goes to.
 	LogPath string
 
@@ -31,7 +34,7 @@ type Proc struct {
 	killed  atomic.Bool
 }
 
-var readyRE = regexp.MustCompile(`ready: listening on (\S+) `)
+var readyRE = regexp.MustCompile(`ready: listening on (\S+) .*control: \[([^\]]*)\]`)
 
 // Start runs bin with args (its first argument is the subcommand, "serve"),
 // optionally under wrap (for example strace and its flags), sends its
@@ -56,13 +59,13 @@ func Start(bin string, wrap []string, logPath string, args ...string) (*Proc, er
 		logf.Close()
 		return nil, err
 	}
-	ready := make(chan string, 1)
+	ready := make(chan []string, 1)
 	go func() { // ends when the process closes its stdout
 		sc := bufio.NewScanner(stdout)
 		for sc.Scan() {
 			if m := readyRE.FindStringSubmatch(sc.Text()); m != nil {
 				select {
-				case ready <- m[1]:
+				case ready <- m:
 				default:
 				}
 			}
@@ -74,7 +77,8 @@ func Start(bin string, wrap []string, logPath string, args ...string) (*Proc, er
 		close(p.exited)
 	}()
 	select {
-	case p.Addr = <-ready:
+	case m := <-ready:
+		p.Addr, p.Control = m[1], strings.Fields(m[2])
 		return p, nil
 	case <-p.exited:
 		return nil, fmt.Errorf("migtun serve exited before it was ready (%v):\n%s", p.err, p.Log(20))
