@@ -13,6 +13,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/migtun/migtun/internal/linkemu"
 )
 
 // Baseline names, in the order they run.
@@ -21,11 +23,14 @@ const (
 	GoTLSRelay  = "go-tls-relay"
 	QUICGoNaive = "quic-go-naive"
 	Socat       = "socat"
-	Stunnel     = "stunnel"
+	// SocatCubic is socat with cubic, the congestion control most
+	// distributions default to, set on both its TCP sockets.
+	SocatCubic = "socat-cubic"
+	Stunnel    = "stunnel"
 )
 
 // AllBaselines lists every baseline, in the order they run.
-var AllBaselines = []string{Direct, GoTLSRelay, QUICGoNaive, Socat, Stunnel}
+var AllBaselines = []string{Direct, GoTLSRelay, QUICGoNaive, Socat, SocatCubic, Stunnel}
 
 // Transports lists the migtun transports a run may measure.
 var Transports = []string{"tls", "quic", "plain"}
@@ -64,6 +69,19 @@ type Config struct {
 	// Progress, when set, is called about every 250ms while a path runs,
 	// and once when it ends.
 	Progress func(Progress)
+	// Link, when set, is the emulated link every path crosses (see
+	// StartLink): each path's first hop runs in the link's namespace A,
+	// its second in B, and they talk over the link; the load generator
+	// stays outside. The direct baseline is skipped.
+	Link *linkemu.Link
+	// ServeArgs are more flags for every "migtun serve" of the migtun
+	// paths (e.g. --tcp-congestion cubic), to compare settings.
+	ServeArgs []string
+	// Limit, when set, cuts a path short after this long: its Result holds
+	// the bytes the sink counted by then and is marked Partial. A run
+	// across a slow or lossy link uses it so that one stalled baseline
+	// does not take an hour.
+	Limit time.Duration
 }
 
 // Progress is the state of the path being measured.
@@ -100,6 +118,9 @@ type Result struct {
 	// CPUPerGB and RelayCPUPerGB are the same per 10^9 bytes moved.
 	CPUPerGB      float64 `json:"cpu_s_per_gb"`
 	RelayCPUPerGB float64 `json:"relay_cpu_s_per_gb"`
+	// Partial says the path was cut short by Config.Limit: Bytes is what
+	// had arrived by then, and MBps the rate until then.
+	Partial bool `json:"partial,omitempty"`
 	// Skipped says why the path was not measured (a tool not installed).
 	Skipped string `json:"skipped,omitempty"`
 	// Err says why the measurement failed.
@@ -127,6 +148,23 @@ type env struct {
 	dir  string // this path's directory
 	sink string // the sink's socket
 	pki  func() (*pki, error)
+	link *linkemu.Link // nil on loopback
+}
+
+// host returns the address side's hop listens on: the link's, or loopback.
+func (e *env) host(s linkemu.Side) string {
+	if e.link == nil {
+		return "127.0.0.1"
+	}
+	return e.link.Addr(s)
+}
+
+// exec returns argv to run on side of the link (unchanged on loopback).
+func (e *env) exec(s linkemu.Side, argv ...string) []string {
+	if e.link == nil {
+		return argv
+	}
+	return e.link.Exec(s, argv...)
 }
 
 // ConfigError is a bad Config field; Field names it as the flag of
@@ -170,7 +208,11 @@ func (cfg *Config) plan() []path {
 	var ps []path
 	for _, b := range AllBaselines {
 		if slices.Contains(cfg.Baselines, b) {
-			ps = append(ps, baselinePath(b))
+			p := baselinePath(b)
+			if b == Direct && cfg.Link != nil {
+				p.skip = "no network hop to put on the link"
+			}
+			ps = append(ps, p)
 		}
 	}
 	streams := cfg.Streams
@@ -218,7 +260,11 @@ func runPaths(ctx context.Context, cfg *Config, sink string, measure measureFunc
 		defer os.RemoveAll(d)
 		dir = d
 	}
-	getPKI := sync.OnceValues(func() (*pki, error) { return makePKI(cfg.Migtun, filepath.Join(dir, "pki")) })
+	sans := []string{"127.0.0.1"}
+	if cfg.Link != nil {
+		sans = append(sans, cfg.Link.Addr(linkemu.A), cfg.Link.Addr(linkemu.B))
+	}
+	getPKI := sync.OnceValues(func() (*pki, error) { return makePKI(cfg.Migtun, filepath.Join(dir, "pki"), sans) })
 	paths := cfg.plan()
 	var results []Result
 	for i, p := range paths {
@@ -229,7 +275,7 @@ func runPaths(ctx context.Context, cfg *Config, sink string, measure measureFunc
 		if err := os.MkdirAll(pdir, 0o700); err != nil {
 			return results, err
 		}
-		e := &env{cfg: cfg, dir: pdir, sink: filepath.Join(pdir, sink), pki: getPKI}
+		e := &env{cfg: cfg, dir: pdir, sink: filepath.Join(pdir, sink), pki: getPKI, link: cfg.Link}
 		results = append(results, measure(ctx, cfg, p, e, i+1, len(paths)))
 	}
 	return results, ctx.Err()
@@ -282,6 +328,12 @@ func measure(ctx context.Context, cfg *Config, p path, e *env, index, total int)
 
 	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
+	var limit <-chan time.Time
+	if cfg.Limit > 0 {
+		t := time.NewTimer(cfg.Limit)
+		defer t.Stop()
+		limit = t.C
+	}
 	var (
 		sendErr   error
 		sendEnded bool
@@ -318,6 +370,17 @@ func measure(ctx context.Context, cfg *Config, p path, e *env, index, total int)
 			}
 			report(false, now.Sub(start))
 		case <-sk.full:
+		case <-limit:
+			b := sk.bytes.Load()
+			wall := time.Since(start)
+			cancel()
+			if !sendEnded {
+				<-senderDone
+			}
+			report(true, wall)
+			res.Partial, res.Sent, res.Bytes, res.Seconds = true, sent.Load(), b, wall.Seconds()
+			res.MBps = float64(b) / 1e6 / wall.Seconds()
+			return res
 		}
 		if err := sk.firstErr(); err != nil {
 			res.Err = err.Error()
@@ -381,14 +444,18 @@ type pki struct {
 	srcCert, srcKey string
 }
 
-func makePKI(migtun, dir string) (*pki, error) {
+func makePKI(migtun, dir string, sans []string) (*pki, error) {
 	if migtun == "" {
 		return nil, errors.New("no migtun binary given (Config.Migtun)")
 	}
+	var san []string
+	for _, s := range sans {
+		san = append(san, "--san", s)
+	}
 	for _, args := range [][]string{
 		{"certs", "init", "--dir", dir},
-		{"certs", "issue", "--dir", dir, "--name", "dst", "--san", "127.0.0.1"},
-		{"certs", "issue", "--dir", dir, "--name", "src", "--san", "127.0.0.1"},
+		append([]string{"certs", "issue", "--dir", dir, "--name", "dst"}, san...),
+		append([]string{"certs", "issue", "--dir", dir, "--name", "src"}, san...),
 	} {
 		if out, err := exec.Command(migtun, args...).CombinedOutput(); err != nil {
 			return nil, fmt.Errorf("migtun %v: %v: %s", args, err, out)

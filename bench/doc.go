@@ -30,6 +30,18 @@
 //		Baselines: bench.AllBaselines})
 //	bench.WriteTable(os.Stdout, res)
 //
+// Across an emulated link (Config.Link, "migtun bench --link wan"), the
+// first hop of every path runs in namespace A of an internal/linkemu link
+// and the second in B, so the hops talk over a link with the profile's
+// round trip, loss and rate while the load generator stays outside:
+//
+//	sender → unix:SRC → [hop 1 in A] → emulated link → [hop 2 in B] → unix:SINK → sink
+//
+// The relay of the link runs in the calling process too, so its CPU is in
+// the CPU column of the load generator. socat runs twice there: with the
+// host's default congestion control, and with cubic on both its TCP sockets
+// (socat-cubic), what most distributions default to.
+//
 // The helper processes of the go-tls-relay and quic-go-naive baselines are
 // the migtun binary itself ("migtun bench --internal-relay …"), which calls
 // ServeRelay.

@@ -8,6 +8,8 @@ import (
 	"regexp"
 	"strconv"
 	"time"
+
+	"github.com/migtun/migtun/internal/linkemu"
 )
 
 // readyTimeout bounds the start of each helper process.
@@ -34,12 +36,13 @@ func migtunPath(transport string, streams int) path {
 			if transport == "plain" {
 				extra = []string{"--insecure-plaintext"}
 			}
-			args := func(name, cert, key string, more ...string) []string {
-				a := []string{e.cfg.Migtun, "serve", "--listen", "127.0.0.1:0", "--transport", transport,
+			extra = append(extra, e.cfg.ServeArgs...)
+			args := func(side linkemu.Side, cert, key string, more ...string) []string {
+				a := []string{e.cfg.Migtun, "serve", "--listen", e.host(side) + ":0", "--transport", transport,
 					"--cert", cert, "--key", key, "--ca", k.ca, "--log-level", "warn"}
-				return append(append(a, extra...), more...)
+				return e.exec(side, append(append(a, extra...), more...)...)
 			}
-			dst, err := startProc(e.dir, "migtun-dst", serveReady, args("dst", k.cert, k.key, "--route", "bench=unix:"+e.sink)...)
+			dst, err := startProc(e.dir, "migtun-dst", serveReady, args(linkemu.B, k.cert, k.key, "--route", "bench=unix:"+e.sink)...)
 			if err != nil {
 				return "", nil, err
 			}
@@ -49,7 +52,7 @@ func migtunPath(transport string, streams int) path {
 				return "", procs, err
 			}
 			src, err := startProc(e.dir, "migtun-src", serveReady,
-				args("src", k.srcCert, k.srcKey, "--forward", "unix:"+entry+"="+addr+"/bench")...)
+				args(linkemu.A, k.srcCert, k.srcKey, "--forward", "unix:"+entry+"="+addr+"/bench")...)
 			if err != nil {
 				return "", procs, err
 			}
@@ -70,11 +73,12 @@ func baselinePath(name string) path {
 		p.setup = func(e *env) (string, []*proc, error) { return goRelayPath(e, "tls") }
 	case QUICGoNaive:
 		p.setup = func(e *env) (string, []*proc, error) { return goRelayPath(e, "quic") }
-	case Socat:
+	case Socat, SocatCubic:
 		if _, err := exec.LookPath("socat"); err != nil {
 			p.skip = "socat is not installed (apt-get install socat)"
 		}
-		p.setup = socatPath
+		cubic := name == SocatCubic
+		p.setup = func(e *env) (string, []*proc, error) { return socatPath(e, cubic) }
 	case Stunnel:
 		if stunnelBinary() == "" {
 			p.skip = "stunnel is not installed (apt-get install stunnel4)"
@@ -97,8 +101,8 @@ func goRelayPath(e *env, proto string) (string, []*proc, error) {
 		netw = "udp"
 	}
 	common := []string{"--cert", k.cert, "--key", k.key, "--ca", k.ca}
-	server, err := startProc(e.dir, proto+"-server", relayReady, append([]string{e.cfg.Migtun, "bench", "--internal-relay", proto + "-server",
-		"--listen", netw + ":127.0.0.1:0", "--connect", "unix:" + e.sink}, common...)...)
+	server, err := startProc(e.dir, proto+"-server", relayReady, e.exec(linkemu.B, append([]string{e.cfg.Migtun, "bench", "--internal-relay", proto + "-server",
+		"--listen", netw + ":" + e.host(linkemu.B) + ":0", "--connect", "unix:" + e.sink}, common...)...)...)
 	if err != nil {
 		return "", nil, err
 	}
@@ -107,8 +111,8 @@ func goRelayPath(e *env, proto string) (string, []*proc, error) {
 	if err != nil {
 		return "", procs, err
 	}
-	client, err := startProc(e.dir, proto+"-client", relayReady, append([]string{e.cfg.Migtun, "bench", "--internal-relay", proto + "-client",
-		"--listen", "unix:" + entry, "--connect", addr}, common...)...)
+	client, err := startProc(e.dir, proto+"-client", relayReady, e.exec(linkemu.A, append([]string{e.cfg.Migtun, "bench", "--internal-relay", proto + "-client",
+		"--listen", "unix:" + entry, "--connect", addr}, common...)...)...)
 	if err != nil {
 		return "", procs, err
 	}
@@ -117,24 +121,31 @@ func goRelayPath(e *env, proto string) (string, []*proc, error) {
 	return entry, procs, err
 }
 
-// socatPath is two socat hops with 1 MiB buffers: unix → tcp → unix.
-func socatPath(e *env) (string, []*proc, error) {
+// socatPath is two socat hops with 1 MiB buffers: unix → tcp → unix;
+// with cubic, both TCP sockets use cubic (TCP_CONGESTION) whatever the
+// host's default.
+func socatPath(e *env, cubic bool) (string, []*proc, error) {
 	port, err := freePort()
 	if err != nil {
 		return "", nil, err
 	}
+	opt := ""
+	if cubic {
+		opt = ",setsockopt-string=6:13:cubic" // IPPROTO_TCP, TCP_CONGESTION
+	}
 	entry := filepath.Join(e.dir, "src.sock")
-	server, err := startProc(e.dir, "socat-server", nil, "socat", "-b", "1048576",
-		fmt.Sprintf("TCP-LISTEN:%d,bind=127.0.0.1,reuseaddr,fork", port), "UNIX-CONNECT:"+e.sink)
+	host := e.host(linkemu.B)
+	server, err := startProc(e.dir, "socat-server", nil, e.exec(linkemu.B, "socat", "-b", "1048576",
+		fmt.Sprintf("TCP-LISTEN:%d,bind=%s,reuseaddr,fork%s", port, host, opt), "UNIX-CONNECT:"+e.sink)...)
 	if err != nil {
 		return "", nil, err
 	}
 	procs := []*proc{server}
-	if err := server.waitFor(readyTimeout, "listening TCP port", func() bool { return tcpListening(port) }); err != nil {
+	if err := server.waitFor(readyTimeout, "listening TCP port", func() bool { return server.tcpListening(port) }); err != nil {
 		return "", procs, err
 	}
-	client, err := startProc(e.dir, "socat-client", nil, "socat", "-b", "1048576",
-		"UNIX-LISTEN:"+entry+",fork", fmt.Sprintf("TCP:127.0.0.1:%d", port))
+	client, err := startProc(e.dir, "socat-client", nil, e.exec(linkemu.A, "socat", "-b", "1048576",
+		"UNIX-LISTEN:"+entry+",fork", fmt.Sprintf("TCP:%s:%d%s", host, port, opt))...)
 	if err != nil {
 		return "", procs, err
 	}
@@ -165,10 +176,11 @@ func stunnelPath(e *env) (string, []*proc, error) {
 		return "", nil, err
 	}
 	entry := filepath.Join(e.dir, "src.sock")
-	serverConf := fmt.Sprintf("foreground = yes\npid =\n[bench]\naccept = 127.0.0.1:%d\nconnect = %s\ncert = %s\nkey = %s\n",
-		port, e.sink, k.cert, k.key)
-	clientConf := fmt.Sprintf("foreground = yes\npid =\n[bench]\nclient = yes\naccept = %s\nconnect = 127.0.0.1:%d\nCAfile = %s\nverifyChain = yes\n",
-		entry, port, k.ca)
+	host := e.host(linkemu.B)
+	serverConf := fmt.Sprintf("foreground = yes\npid =\n[bench]\naccept = %s:%d\nconnect = %s\ncert = %s\nkey = %s\n",
+		host, port, e.sink, k.cert, k.key)
+	clientConf := fmt.Sprintf("foreground = yes\npid =\n[bench]\nclient = yes\naccept = %s\nconnect = %s:%d\nCAfile = %s\nverifyChain = yes\n",
+		entry, host, port, k.ca)
 	write := func(name, conf string) (string, error) {
 		f := filepath.Join(e.dir, name)
 		return f, os.WriteFile(f, []byte(conf), 0o600)
@@ -182,15 +194,15 @@ func stunnelPath(e *env) (string, []*proc, error) {
 		return "", nil, err
 	}
 	bin := stunnelBinary()
-	server, err := startProc(e.dir, "stunnel-server", nil, bin, sconf)
+	server, err := startProc(e.dir, "stunnel-server", nil, e.exec(linkemu.B, bin, sconf)...)
 	if err != nil {
 		return "", nil, err
 	}
 	procs := []*proc{server}
-	if err := server.waitFor(readyTimeout, "listening TCP port "+strconv.Itoa(port), func() bool { return tcpListening(port) }); err != nil {
+	if err := server.waitFor(readyTimeout, "listening TCP port "+strconv.Itoa(port), func() bool { return server.tcpListening(port) }); err != nil {
 		return "", procs, err
 	}
-	client, err := startProc(e.dir, "stunnel-client", nil, bin, cconf)
+	client, err := startProc(e.dir, "stunnel-client", nil, e.exec(linkemu.A, bin, cconf)...)
 	if err != nil {
 		return "", procs, err
 	}

@@ -223,10 +223,10 @@ func selfCPU() time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// tcpListening reports whether something listens on TCP 127.0.0.1:port,
-// from /proc/net/tcp, without connecting to it.
-func tcpListening(port int) bool {
-	b, err := os.ReadFile("/proc/net/tcp")
+// tcpListening reports whether something listens on TCP port in p's
+// network namespace, from /proc/PID/net/tcp, without connecting to it.
+func (p *proc) tcpListening(port int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/tcp", p.cmd.Process.Pid))
 	if err != nil {
 		return false
 	}

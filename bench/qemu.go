@@ -19,7 +19,7 @@ const QEMUCPUNote = "QEMU run: a paused guest with random RAM migrated through e
 	"destination. CPU s/GB: both QEMU processes and the path's two hops (utime+stime from /proc/PID/stat, children " +
 	"included); relay CPU: the two hops only. MB = 10^6 bytes, GB = 10^9 bytes."
 
-// qemuTargets is the target of issue 5 for real migrations: through tls,
+// qemuTargets is the target for real migrations on loopback: through tls,
 // the migration phase is no slower than through socat's plaintext hops.
 var qemuTargets = []targetSpec{{"qemu tls/1 vs socat", "migtun/tls/1", Socat, 1, false}}
 

@@ -36,6 +36,8 @@ type Report struct {
 	Results []Result `json:"results"`
 	Ratios  []Ratio  `json:"ratios"`
 	Targets []Target `json:"targets"`
+	// Link is the emulated link the run crossed; nil on loopback.
+	Link *LinkInfo `json:"link,omitempty"`
 }
 
 // Machine describes where a run happened.
@@ -56,7 +58,7 @@ type Ratio struct {
 	CPU        float64 `json:"cpu"`
 }
 
-// Target is one of the speed targets of issue 5, checked on a run.
+// Target is one of the speed targets, checked on a run.
 type Target struct {
 	Name string `json:"name"`
 	// Want is the ratio asked for; AtMost means Got must not exceed it.
@@ -126,7 +128,7 @@ type targetSpec struct {
 	cpu              bool
 }
 
-// streamTargets are the ratios issue 5 asks of a Run.
+// streamTargets are the ratios asked of a Run on loopback.
 var streamTargets = []targetSpec{
 	{"plain/1 throughput vs socat", "migtun/plain/1", Socat, 1.1, false},
 	{"plain/1 CPU per GB vs socat", "migtun/plain/1", Socat, 0.9, true},
@@ -203,6 +205,9 @@ func WriteTable(w io.Writer, r Report) error {
 		what = " of guest RAM migrated by QEMU through each path"
 	}
 	fmt.Fprintf(w, "%s%s; %d CPUs, %s, Linux %s, %s\n\n", FormatSize(r.Size), what, m.CPUs, m.CPUModel, m.Kernel, m.GoVersion)
+	if r.Link != nil {
+		fmt.Fprintf(w, "%s\n\n", r.Link)
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "path\tMB/s\tCPU s/GB\trelay CPU s/GB\t\tthroughput vs baselines")
 	for _, p := range r.Results {
@@ -220,10 +225,21 @@ func WriteTable(w io.Writer, r Report) error {
 				rs = append(rs, fmt.Sprintf("×%s %s", ratio(x.Throughput), x.Baseline))
 			}
 		}
-		fmt.Fprintf(tw, "%s\t%.0f\t%.2f\t%.2f\t\t%s\n", p.Path, p.MBps, p.CPUPerGB, p.RelayCPUPerGB, strings.Join(rs, "  "))
+		if p.Partial {
+			rs = append(rs, fmt.Sprintf("(cut short after %.0fs, %s arrived)", p.Seconds, FormatSize(p.Bytes&^(1<<20-1))))
+		}
+		mbps := fmt.Sprintf("%.0f", p.MBps)
+		if p.MBps < 10 {
+			mbps = fmt.Sprintf("%.2f", p.MBps)
+		}
+		cpu, relayCPU := fmt.Sprintf("%.2f", p.CPUPerGB), fmt.Sprintf("%.2f", p.RelayCPUPerGB)
+		if p.Partial { // not sampled when a path is cut short
+			cpu, relayCPU = "-", "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\t%s\n", p.Path, mbps, cpu, relayCPU, strings.Join(rs, "  "))
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "\n%s\n\ntargets (issue 5):\n", r.CPUNote)
+	fmt.Fprintf(w, "\n%s\n\ntargets:\n", r.CPUNote)
 	for _, t := range r.Targets {
 		fmt.Fprintf(w, "  %s\n", t)
 	}

@@ -42,6 +42,18 @@ const (
 	DefaultIdleTimeout = 4 * time.Second
 )
 
+// DefaultSocketBuffer is the send and receive buffer of each tunnel TCP
+// connection when Config.SocketBuffer is 0: enough for one stream to fill
+// 1 Gbit/s over a 100ms round trip (12.5 MB in flight) with room for the
+// queue of a router, where the kernel's autotuning stops at its limits
+// (net.ipv4.tcp_wmem, often 4 MiB). The kernel allocates it only as data
+// waits, and doubles the figure for its bookkeeping.
+const DefaultSocketBuffer = 16 << 20
+
+// CongestionKernel as Config.Congestion keeps the host's default TCP
+// congestion control (net.ipv4.tcp_congestion_control).
+const CongestionKernel = "kernel"
+
 // Config configures both ends of the transport. The zero value of each field
 // selects its default, except the TLS fields, which are required.
 type Config struct {
@@ -60,6 +72,19 @@ type Config struct {
 	// of switching them to the bulk record layer (ALPNBulk) after the
 	// accept reply; for comparison, or for a peer that must not use it.
 	DisableBulk bool
+	// Congestion is the TCP congestion control of the tunnel's TCP
+	// connections, dialed and accepted (TCP_CONGESTION, per socket). Empty
+	// picks bbr when the kernel has it — it holds the rate of a long path
+	// with some loss, where cubic and reno back off at every loss — and the
+	// host's default otherwise; CongestionKernel keeps the host's default;
+	// any other name (cubic, reno, bbr) must be available in the kernel.
+	Congestion string
+	// SocketBuffer is the send and receive buffer of each tunnel TCP
+	// connection in bytes: 0 means DefaultSocketBuffer, negative leaves
+	// both to the kernel's autotuning. With CAP_NET_ADMIN it may exceed
+	// net.core.wmem_max and rmem_max (SO_SNDBUFFORCE); without, the
+	// kernel caps it there.
+	SocketBuffer int
 	// HandshakeTimeout bounds the TLS or QUIC handshake plus the header read
 	// of an incoming stream.
 	HandshakeTimeout time.Duration
@@ -116,6 +141,12 @@ func (c *Config) withDefaults() (*Config, error) {
 	}
 	if out.ServerTLS == nil || out.ClientTLS == nil {
 		return nil, ErrNoTLS
+	}
+	if err := checkCongestion(out.Congestion); err != nil {
+		return nil, err
+	}
+	if out.SocketBuffer == 0 {
+		out.SocketBuffer = DefaultSocketBuffer
 	}
 	if out.HandshakeTimeout <= 0 {
 		out.HandshakeTimeout = DefaultHandshakeTimeout

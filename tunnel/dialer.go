@@ -103,7 +103,7 @@ func (d *Dialer) Close() error {
 }
 
 func (d *Dialer) dialTCP(ctx context.Context, addr string) (*net.TCPConn, error) {
-	nd := net.Dialer{Timeout: d.cfg.DialTimeout, KeepAliveConfig: keepAlive(d.cfg.IdleTimeout)}
+	nd := net.Dialer{Timeout: d.cfg.DialTimeout, KeepAliveConfig: keepAlive(d.cfg.IdleTimeout), Control: d.cfg.tcpControl()}
 	c, err := nd.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("dialing peer %s: %w", addr, err)

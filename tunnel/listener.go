@@ -140,7 +140,8 @@ func Listen(addr string, cfg *Config) (*Listener, error) {
 		l.wg.Add(1)
 		go l.acceptQUIC()
 	default:
-		tcp, err := net.Listen("tcp", addr)
+		lc := net.ListenConfig{Control: c.tcpControl()}
+		tcp, err := lc.Listen(context.Background(), "tcp", addr)
 		if err != nil {
 			cancel()
 			return nil, fmt.Errorf("listening on tcp %s: %w", addr, err)

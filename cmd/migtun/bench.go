@@ -13,11 +13,13 @@ import (
 	"time"
 
 	"github.com/migtun/migtun/bench"
+	"github.com/migtun/migtun/internal/linkemu"
 )
 
 const benchSynopsis = `bench [--qemu] [--transport tls,quic,plain] [--streams 1,4] [--size 4GiB]
               [--baselines direct,go-tls-relay,quic-go-naive,socat,stunnel]
-              [--json] [--svg FILE] [--dir DIR]`
+              [--link metro|wan|lossy|fat|rtt=40ms,loss=1%,rate=200mbit] [--limit 60s]
+              [--serve-flag FLAG]... [--json] [--svg FILE] [--dir DIR]`
 
 // runBench measures the transports and the baselines through real migtun
 // processes and prints the table (or JSON).
@@ -36,10 +38,28 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	svg := fs.String("svg", "", "also write a bar chart of the results to FILE (SVG)")
 	dir := fs.String("dir", "", "keep sockets, certificates and process logs in DIR (default: a temporary directory, removed)")
 	stall := fs.Duration("stall", bench.DefaultStall, "fail a path that moves no byte for this long")
+	link := fs.String("link", "", "run every path across an emulated link (needs root): a profile — "+
+		strings.Join(linkemu.ProfileNames(), ", ")+" — or settings rtt=40ms,loss=1%,rate=200mbit[,queue=2MB,reorder=0.1%,mtu=1500,seed=1]; default size: 10s at the link rate")
+	limit := fs.Duration("limit", 0, "cut a path short after this long and report its rate so far (default with --link: 60s; 0 without: none)")
+	var serveFlags listFlag
+	fs.Var(&serveFlags, "serve-flag", "a flag for every \"migtun serve\" of the migtun paths, e.g. --serve-flag=--tcp-congestion=cubic (repeatable)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}
-	cfg := bench.Config{Transports: splitBenchList(*transports), Stall: *stall, Dir: *dir}
+	cfg := bench.Config{Transports: splitBenchList(*transports), Stall: *stall, Dir: *dir, ServeArgs: serveFlags, Limit: *limit}
+	var linkCfg linkemu.Config
+	if *link != "" {
+		var err error
+		if linkCfg, err = linkemu.ParseProfile(*link); err != nil {
+			return fmt.Errorf("bench: --link: %w", err)
+		}
+		if !flagSet(fs, "size") && !*qemu {
+			*size = bench.FormatSize(bench.LinkSize(linkCfg))
+		}
+		if !flagSet(fs, "limit") && !*qemu {
+			cfg.Limit = 60 * time.Second
+		}
+	}
 	for _, s := range splitBenchList(*streams) {
 		n, err := strconv.Atoi(s)
 		if err != nil || n < 1 || n > 256 {
@@ -83,11 +103,25 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	if *qemu {
 		run, report = bench.RunQEMU, bench.NewQEMUReport
 	}
+	var linkInfo bench.LinkInfo
+	if *link != "" {
+		l, li, err := bench.StartLink(ctx, *link, linkCfg)
+		if err != nil {
+			return fmt.Errorf("bench: --link: %w", err)
+		}
+		defer l.Close()
+		fmt.Fprintf(stderr, "%s\n", li)
+		cfg.Link, linkInfo = l, li
+	}
 	results, err := run(ctx, cfg)
 	if err != nil {
 		return fmt.Errorf("bench: %w", err)
 	}
 	rep := report(cfg.Size, results)
+	if cfg.Link != nil {
+		linkInfo.AddStats(cfg.Link)
+		rep.SetLink(linkInfo)
+	}
 	if *svg != "" {
 		f, err := os.Create(*svg)
 		if err == nil {

@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/migtun/migtun/bench"
 	"github.com/migtun/migtun/certs"
 	"github.com/migtun/migtun/control"
 	"github.com/migtun/migtun/endpoint"
@@ -51,6 +52,8 @@ type serveConfig struct {
 	DialTimeout       time.Duration               `json:"dial_timeout"`
 	HandshakeTimeout  time.Duration               `json:"handshake_timeout"`
 	IdleTimeout       time.Duration               `json:"idle_timeout"`
+	TCPCongestion     string                      `json:"tcp_congestion"`
+	TCPBuffer         string                      `json:"tcp_buffer"`
 	DrainTimeout      time.Duration               `json:"drain_timeout"`
 	Control           string                      `json:"control"`
 	ControlListen     string                      `json:"control_listen"`
@@ -70,6 +73,7 @@ type serveConfig struct {
 	routes       []proxy.Route
 	forwards     []proxy.Forward
 	transport    tunnel.Transport
+	socketBuffer int // TCPBuffer in bytes, -1 for the kernel's autotuning
 	controlToken string
 	printConfig  bool
 }
@@ -140,6 +144,14 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 	c.transport = tr
 	if tr == tunnel.Plain && !c.InsecurePlaintext {
 		return nil, errors.New("serve: --transport plain sends migration bytes unencrypted; add --insecure-plaintext to say that is intended")
+	}
+	c.socketBuffer = -1
+	if c.TCPBuffer != "kernel" {
+		n, err := bench.ParseSize(c.TCPBuffer)
+		if err != nil || n > 1<<30 {
+			return nil, fmt.Errorf("serve: --tcp-buffer %q: want a size such as 16MiB, at most 1GiB, or kernel", c.TCPBuffer)
+		}
+		c.socketBuffer = int(n)
 	}
 	if _, err := newLogger(io.Discard, c.LogFormat, c.LogLevel); err != nil {
 		return nil, err
@@ -236,6 +248,8 @@ func (c *serveConfig) define(fs *flag.FlagSet) {
 	fs.DurationVar(&c.DialTimeout, "dial-timeout", tunnel.DefaultDialTimeout, "bound on connecting to a peer or to a local route")
 	fs.DurationVar(&c.HandshakeTimeout, "handshake-timeout", tunnel.DefaultHandshakeTimeout, "bound on an incoming stream's handshake and header (quic: the handshake's idle timeout; at most twice it in all)")
 	fs.DurationVar(&c.IdleTimeout, "idle-timeout", tunnel.DefaultIdleTimeout, "a QUIC peer silent this long is declared dead; TCP connections probe a peer silent this long (keepalive) and give up after three probes")
+	fs.StringVar(&c.TCPCongestion, "tcp-congestion", "", "TCP congestion control of the tunnel's connections (tls, plain): bbr, cubic, reno, or \"kernel\" for the host's default (default: bbr when the kernel has it)")
+	fs.StringVar(&c.TCPBuffer, "tcp-buffer", bench.FormatSize(tunnel.DefaultSocketBuffer), "send and receive buffer of each tunnel TCP connection, e.g. 16MiB (as root beyond net.core.wmem_max), or \"kernel\" for the kernel's autotuning")
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long streams in flight may go on before they are aborted")
 	fs.StringVar(&c.Control, "control", "", "the local control endpoint, a UNIX socket (mode 0600): unix:PATH (default: none)")
 	fs.StringVar(&c.ControlListen, "control-listen", "", "also serve the control endpoint on TCP HOST:PORT, for clients that hold the token of --control-token-file (default: off)")
@@ -341,6 +355,8 @@ func newServer(c *serveConfig, store *certs.Store, log *slog.Logger) (*proxy.Ser
 			HandshakeTimeout: c.HandshakeTimeout,
 			DialTimeout:      c.DialTimeout,
 			IdleTimeout:      c.IdleTimeout,
+			Congestion:       c.TCPCongestion,
+			SocketBuffer:     c.socketBuffer,
 		},
 		Routes:                 c.routes,
 		Forwards:               c.forwards,

@@ -1,0 +1,4 @@
+package linkemu
+
+// sysSetns is SYS_SETNS, which package syscall lacks.
+const sysSetns = 308
