@@ -49,7 +49,10 @@ type Options struct {
 	Random bool
 	// Seed makes the random content reproducible; 0 picks a random seed.
 	Seed uint64
-	// Binary is the QEMU binary; default [QEMUBinary].
+	// QEMU is the generation to run (see [FindGeneration]); the zero
+	// value is the system's qemu-system-x86_64 (or Binary).
+	QEMU QEMU
+	// Binary is the QEMU binary; default QEMU.Binary, else [QEMUBinary].
 	Binary string
 	// Accel is "kvm" or "tcg"; default kvm when [KVMAvailable], else tcg.
 	Accel string
@@ -123,6 +126,9 @@ func (o Options) withDefaults() (Options, error) {
 		return o, fmt.Errorf("vmtest: Disk %d is not a positive multiple of 512", o.Disk)
 	}
 	if o.Binary == "" {
+		o.Binary = o.QEMU.Binary
+	}
+	if o.Binary == "" {
 		bin, err := QEMUBinary()
 		if err != nil {
 			return o, err
@@ -179,6 +185,9 @@ func Start(ctx context.Context, opts Options) (v *VM, err error) {
 	if err := v.connect(ctx); err != nil {
 		return v, err
 	}
+	if n := o.QEMU.Name; n != "" && generationOf(v.QMP.Version().String()) != n {
+		return v, fmt.Errorf("vmtest: %s reports QEMU %s, not %s", o.Binary, v.QMP.Version(), n)
+	}
 	// QEMU answers QMP only after creating its memory backend, so the RAM
 	// file can go now: it lives on through QEMU's mapping and our fd.
 	if err := os.Remove(v.shmPath); err != nil {
@@ -233,21 +242,25 @@ func (v *VM) prepareFiles(ctx context.Context) error {
 func (v *VM) args() []string {
 	o := v.Options
 	size := strconv.FormatInt(o.RAM, 10)
-	a := []string{
+	var a []string
+	for _, d := range o.QEMU.DataDirs {
+		a = append(a, "-L", d)
+	}
+	a = append(a,
 		"-name", o.Name,
 		"-accel", o.Accel,
 		"-cpu", "qemu64",
 		"-machine", "q35,memory-backend=ram0",
 		"-nodefaults", "-display", "none", "-S",
-		"-m", strconv.FormatInt(o.RAM>>20, 10) + "M",
+		"-m", strconv.FormatInt(o.RAM>>20, 10)+"M",
 		// prealloc touches each page without changing it, so a prefilled
 		// file keeps its content.
-		"-object", "memory-backend-file,id=ram0,size=" + size + ",mem-path=" + v.shmPath + ",share=on,prealloc=on",
-		"-blockdev", "driver=file,filename=" + v.DiskPath + ",node-name=disk0-file",
+		"-object", "memory-backend-file,id=ram0,size="+size+",mem-path="+v.shmPath+",share=on,prealloc=on",
+		"-blockdev", "driver=file,filename="+v.DiskPath+",node-name=disk0-file",
 		"-blockdev", "driver=raw,file=disk0-file,node-name=disk0",
 		"-device", "virtio-blk-pci,drive=disk0,id=vd0",
-		"-qmp", "unix:" + v.QMPPath + ",server=on,wait=off",
-	}
+		"-qmp", "unix:"+v.QMPPath+",server=on,wait=off",
+	)
 	if o.Incoming {
 		a = append(a, "-incoming", "defer")
 	}
