@@ -1,13 +1,15 @@
 # migtun: two commands on a fresh machine.
 #   make demo   a real QEMU live migration with storage through two migtun processes
-#   make test   vet, unit tests with -race, fuzz seed corpora, real-QEMU end-to-end tests, a brief benchmark run
+#   make test   vet, unit tests with -race, fuzz seed corpora, real-QEMU end-to-end tests on every
+#               QEMU generation (MIGTUN_QEMU selects; see docs/testing.md), a brief benchmark run
+#   make check  gofmt, vet and the libraries' unit tests with -race -short: a few minutes
 
 GO       ?= go
 FUZZTIME ?= 60s
 BIN      := bin/migtun
 VERSION  := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: all build deps demo test vet unit bench-smoke fuzz clean
+.PHONY: all build deps demo test check vet unit bench-smoke fuzz clean
 
 all: build
 
@@ -22,6 +24,10 @@ demo: deps build
 	$(GO) run ./internal/demo --migtun $(BIN)
 
 test: deps vet unit bench-smoke
+
+# The quick loop: everything but cmd/migtun (the end-to-end tests), short.
+check: vet
+	$(GO) test -race -short -shuffle=on -timeout 5m $$($(GO) list ./... | grep -v /cmd/)
 
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
