@@ -33,6 +33,7 @@ func runMigrate(args []string, stdout, stderr io.Writer) error {
 	multifd := fs.Int("multifd", 0, "multifd channels (0: a single channel)")
 	postcopy := fs.Bool("postcopy", false, "let the migration switch to postcopy (when both QEMUs offer it); a tunnel break in postcopy is recovered")
 	postcopyStart := fs.String("postcopy-start", migrate.PostcopyAfterFirstPass, "with --postcopy, when to switch: first-pass (once all RAM was sent once) or immediately")
+	postcopyPreempt := fs.Bool("postcopy-preempt", true, "with --postcopy, use QEMU's postcopy-preempt channel when both QEMUs offer it")
 	postcopyBW := fs.Int64("postcopy-bandwidth", 0, "with --postcopy, limit the background page push in postcopy to this many bytes/s (0: no limit)")
 	recoverTimeout := fs.Duration("recover-timeout", migrate.DefaultRecoverTimeout, "with --postcopy, keep trying to resume a postcopy migration paused by a tunnel break for this long (keep it below both hosts' --session-ttl)")
 	maxBW := fs.Int64("max-bandwidth", migrate.DefaultMaxBandwidth, "migration bandwidth limit in bytes/s (QEMU's own default of 128 MiB/s is never kept)")
@@ -53,7 +54,7 @@ func runMigrate(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("migrate: --qmp %q: want unix:PATH", *qmpSpec)
 	}
 	o := migrate.Options{Control: *control, Peer: *peer, QMP: qmpPath, DestVM: *destVM, CopyStorage: *copyStorage,
-		Multifd: *multifd, Postcopy: *postcopy, PostcopyStart: *postcopyStart, PostcopyBandwidth: *postcopyBW,
+		Multifd: *multifd, Postcopy: *postcopy, PostcopyStart: *postcopyStart, PostcopyBandwidth: *postcopyBW, NoPostcopyPreempt: !*postcopyPreempt,
 		RecoverTimeout: *recoverTimeout, MaxBandwidth: *maxBW, Downtime: time.Duration(*downtime) * time.Millisecond,
 		Paused: *paused, QuitSource: *quitSource}
 	if *disks != "" {
