@@ -34,9 +34,11 @@ vet:
 	$(GO) vet ./...
 
 # Unit tests, fuzz seed corpora (Fuzz* run their seeds as tests) and the
-# end-to-end tests, which build bin/migtun themselves and run real QEMU.
+# end-to-end tests, which build the migtun binary once per run and run real
+# QEMU, every generation installed (MIGTUN_QEMU=7.2 or =10.0 selects one).
+# Those that mostly wait run in parallel, up to 4 at a time.
 unit:
-	$(GO) test -race -shuffle=on -timeout 45m ./...
+	$(GO) test -race -shuffle=on -parallel 4 -timeout 45m ./...
 
 # The Go benchmarks, once each and briefly, so they do not rot.
 bench-smoke:
