@@ -22,6 +22,7 @@ command -v ip >/dev/null || need+=(iproute2)
 here=$(dirname "$0")
 if [ ${#need[@]} -eq 0 ]; then
   "$here/qemu-next.sh"
+  "$here/libvirt-next.sh"
   exit 0
 fi
 echo "installing ${need[*]} from Debian packages" >&2
@@ -33,3 +34,4 @@ export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 "$here/qemu-next.sh"
+"$here/libvirt-next.sh"

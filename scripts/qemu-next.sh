@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Installs the newer QEMU generation beside Debian 12's own: QEMU 10.0 from
 # bookworm-backports, unpacked (dpkg -x) into a prefix so that it does not
-# replace the system's QEMU 7.2. The tests find it there (internal/vmtest,
-# QEMUGenerations) and run it with -L at the prefix's share/qemu and
-# share/seabios, so it uses its own firmware.
+# replace the system's QEMU 7.2. It is run through the wrapper this script
+# writes, $prefix/bin/qemu-system-x86_64, which gives it -L at the prefix's
+# share/qemu and share/seabios (its own firmware) and QEMU_MODULE_DIR at
+# its own modules: without that it loads 7.2's modules from
+# /usr/lib/x86_64-linux-gnu/qemu and aborts (libvirt's capability probe
+# does). The tests (internal/vmtest, FindGeneration) and libvirt's domain
+# <emulator> use the wrapper.
 #
 #   scripts/qemu-next.sh            install into /opt/migtun/qemu-10.0
 #   MIGTUN_QEMU_NEXT=DIR scripts/qemu-next.sh
@@ -15,9 +19,13 @@ set -euo pipefail
 
 prefix=${MIGTUN_QEMU_NEXT:-/opt/migtun/qemu-10.0}
 suite=bookworm-backports
-pkgs=(qemu-system-x86 qemu-system-common qemu-system-data seabios qemu-utils)
+# The module packages too: a module QEMU does not find in its own directory
+# is looked for in the system's, whose 7.2 modules abort 10.0.
+pkgs=(qemu-system-x86 qemu-system-common qemu-system-data seabios qemu-utils
+	qemu-system-modules-opengl qemu-system-modules-spice)
 
-if "$prefix/usr/bin/qemu-system-x86_64" --version >/dev/null 2>&1; then
+if [ -e "$prefix/usr/lib/x86_64-linux-gnu/qemu/hw-display-qxl.so" ] &&
+	"$prefix/bin/qemu-system-x86_64" --version >/dev/null 2>&1; then
 	exit 0
 fi
 
@@ -52,7 +60,7 @@ libs=()
 for deb in "$work"/*.deb; do
 	for dep in $(dpkg-deb -f "$deb" Depends | tr ',' '\n' | sed -E 's/\(.*\)//; s/\|.*//; s/ //g'); do
 		case $dep in
-		qemu-* | seabios | ipxe-qemu | "") ;;
+		qemu-* | seabios | ipxe-qemu | libjack-0.125 | "") ;;
 		*) libs+=("$dep") ;;
 		esac
 	done
@@ -72,6 +80,14 @@ $sudo mkdir -p "$prefix.tmp"
 for deb in "$work"/*.deb; do
 	$sudo dpkg -x "$deb" "$prefix.tmp"
 done
+$sudo mkdir -p "$prefix.tmp/bin"
+$sudo tee "$prefix.tmp/bin/qemu-system-x86_64" >/dev/null <<WRAPPER
+#!/bin/sh
+# QEMU from $suite, unpacked by migtun's scripts/qemu-next.sh: its own
+# modules and firmware, not the system QEMU's.
+QEMU_MODULE_DIR='$prefix/usr/lib/x86_64-linux-gnu/qemu' exec '$prefix/usr/bin/qemu-system-x86_64' -L '$prefix/usr/share/qemu' -L '$prefix/usr/share/seabios' "\$@"
+WRAPPER
+$sudo chmod 755 "$prefix.tmp/bin/qemu-system-x86_64"
 $sudo rm -rf "$prefix"
 $sudo mv "$prefix.tmp" "$prefix"
-"$prefix/usr/bin/qemu-system-x86_64" --version | head -1 >&2
+"$prefix/bin/qemu-system-x86_64" --version | head -1 >&2

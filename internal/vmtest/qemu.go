@@ -14,20 +14,18 @@ import (
 	"time"
 )
 
-// QEMU is one installed QEMU generation: a qemu-system-x86_64 binary and
-// the firmware directories it must be given.
+// QEMU is one installed QEMU generation.
 type QEMU struct {
 	// Name is the generation, "major.minor" ("7.2", "10.0").
 	Name string
 	// Version is the full version QEMU reports, e.g. "10.0.2 (Debian
 	// 1:10.0.2+ds-2+deb13u1~bpo12+1)".
 	Version string
-	// Binary is the qemu-system-x86_64 to run.
+	// Binary is the qemu-system-x86_64 to run. For a generation unpacked
+	// into a prefix it is the wrapper scripts/qemu-next.sh writes, which
+	// points QEMU at the prefix's own firmware (-L) and modules
+	// (QEMU_MODULE_DIR).
 	Binary string
-	// DataDirs are passed as -L, first first, so that a QEMU unpacked
-	// into a prefix loads its own BIOS and option ROMs rather than the
-	// system's. Empty for the system's QEMU.
-	DataDirs []string
 	// Prefix is the directory the generation was unpacked into ("" for
 	// the system's QEMU); its usr/bin holds the generation's qemu-img.
 	Prefix string
@@ -89,11 +87,7 @@ func FindGeneration(name string) (QEMU, error) {
 		candidates = append(candidates, QEMU{Binary: p})
 	}
 	prefix := NextPrefix()
-	candidates = append(candidates, QEMU{
-		Binary:   filepath.Join(prefix, "usr/bin/qemu-system-x86_64"),
-		DataDirs: []string{filepath.Join(prefix, "usr/share/qemu"), filepath.Join(prefix, "usr/share/seabios")},
-		Prefix:   prefix,
-	})
+	candidates = append(candidates, QEMU{Binary: filepath.Join(prefix, "bin/qemu-system-x86_64"), Prefix: prefix})
 	var seen []string
 	for _, q := range candidates {
 		v, err := binaryVersion(q.Binary)

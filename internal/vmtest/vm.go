@@ -242,25 +242,21 @@ func (v *VM) prepareFiles(ctx context.Context) error {
 func (v *VM) args() []string {
 	o := v.Options
 	size := strconv.FormatInt(o.RAM, 10)
-	var a []string
-	for _, d := range o.QEMU.DataDirs {
-		a = append(a, "-L", d)
-	}
-	a = append(a,
+	a := []string{
 		"-name", o.Name,
 		"-accel", o.Accel,
 		"-cpu", "qemu64",
 		"-machine", "q35,memory-backend=ram0",
 		"-nodefaults", "-display", "none", "-S",
-		"-m", strconv.FormatInt(o.RAM>>20, 10)+"M",
+		"-m", strconv.FormatInt(o.RAM>>20, 10) + "M",
 		// prealloc touches each page without changing it, so a prefilled
 		// file keeps its content.
-		"-object", "memory-backend-file,id=ram0,size="+size+",mem-path="+v.shmPath+",share=on,prealloc=on",
-		"-blockdev", "driver=file,filename="+v.DiskPath+",node-name=disk0-file",
+		"-object", "memory-backend-file,id=ram0,size=" + size + ",mem-path=" + v.shmPath + ",share=on,prealloc=on",
+		"-blockdev", "driver=file,filename=" + v.DiskPath + ",node-name=disk0-file",
 		"-blockdev", "driver=raw,file=disk0-file,node-name=disk0",
 		"-device", "virtio-blk-pci,drive=disk0,id=vd0",
-		"-qmp", "unix:"+v.QMPPath+",server=on,wait=off",
-	)
+		"-qmp", "unix:" + v.QMPPath + ",server=on,wait=off",
+	}
 	if o.Incoming {
 		a = append(a, "-incoming", "defer")
 	}
