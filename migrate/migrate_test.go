@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -154,5 +155,26 @@ func TestWantCapsPreempt(t *testing.T) {
 	}
 	if caps := (&run{o: Options{}}).wantCaps(map[string]bool{"postcopy-preempt": false}); len(caps) != 0 {
 		t.Fatalf("no postcopy asked: %v", caps)
+	}
+}
+
+// TestWantCapsNoPreempt: with postcopy, postcopy-preempt is wanted when the
+// source QEMU offers it, unless NoPostcopyPreempt.
+func TestWantCapsNoPreempt(t *testing.T) {
+	offered := map[string]bool{"multifd": false, "postcopy-ram": false, "postcopy-preempt": false}
+	for _, tc := range []struct {
+		o    Options
+		off  map[string]bool
+		want string
+	}{
+		{Options{Postcopy: true}, offered, "map[postcopy-preempt:true postcopy-ram:true]"},
+		{Options{Postcopy: true, NoPostcopyPreempt: true}, offered, "map[postcopy-ram:true]"},
+		{Options{Postcopy: true}, map[string]bool{"postcopy-ram": false}, "map[postcopy-ram:true]"},
+		{Options{NoPostcopyPreempt: true, Multifd: 2}, offered, "map[multifd:true]"},
+	} {
+		r := &run{o: tc.o}
+		if got := fmt.Sprint(r.wantCaps(tc.off)); got != tc.want {
+			t.Errorf("%+v, offered %v: %s, want %s", tc.o, tc.off, got, tc.want)
+		}
 	}
 }
