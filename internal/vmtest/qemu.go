@@ -27,7 +27,7 @@ type QEMU struct {
 	// (QEMU_MODULE_DIR).
 	Binary string
 	// Prefix is the directory the generation was unpacked into ("" for
-	// the system's QEMU); its usr/bin holds the generation's qemu-img.
+	// the system's QEMU).
 	Prefix string
 }
 
@@ -36,9 +36,9 @@ func (q QEMU) String() string {
 	return fmt.Sprintf("QEMU %s (%s)", q.Version, q.Binary)
 }
 
-// Generations of QEMU the tests know, oldest first: the system's
-// (Debian 12's 7.2) and the one scripts/qemu-next.sh unpacks into
-// NextPrefix (10.0 from bookworm-backports).
+// KnownGenerations are the QEMU generations the tests know, oldest first:
+// the system's (Debian 12's 7.2) and the one scripts/qemu-next.sh unpacks
+// into NextPrefix (10.0 from bookworm-backports).
 var KnownGenerations = []string{"7.2", "10.0"}
 
 // NextPrefix is where scripts/qemu-next.sh unpacks the newer QEMU; the
@@ -106,22 +106,6 @@ func FindGeneration(name string) (QEMU, error) {
 		hint = "found " + strings.Join(seen, ", ") + "; " + hint
 	}
 	return QEMU{}, fmt.Errorf("%w: no QEMU %s (%s)", ErrNoQEMU, name, hint)
-}
-
-// Img returns the qemu-img of the generation (the system's when it has
-// none of its own).
-func (q QEMU) Img() string {
-	if q.Prefix != "" {
-		if p := filepath.Join(q.Prefix, "usr/bin/qemu-img"); fileExists(p) {
-			return p
-		}
-	}
-	return "qemu-img"
-}
-
-func fileExists(p string) bool {
-	_, err := os.Stat(p)
-	return err == nil
 }
 
 var (
