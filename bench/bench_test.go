@@ -18,7 +18,7 @@ import (
 var migtunBin string
 
 func TestMain(m *testing.M) {
-	os.Exit(runMain(m)) //nolint:forbidigo // TestMain's exit
+	os.Exit(runMain(m)) // TestMain's exit
 }
 
 // runMain builds migtun, or uses the binary MIGTUN_BENCH_BIN names.

@@ -13,7 +13,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/migtun/migtun/proxy"
+	"github.com/migtun/migtun/control"
+	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/qmp"
 )
 
@@ -21,9 +22,8 @@ import (
 const pollInterval = 50 * time.Millisecond
 
 // Controller is the destination's side of a migration: it drives the VMs
-// registered on this host (serve --qmp NAME=unix:PATH) for the peers'
-// vm-prepare, vm-finish, vm-recover and vm-abort requests. It implements
-// [proxy.VMController]. It connects to a VM's QMP socket only for the time
+// registered on this host (serve --qmp NAME=unix:PATH) for the peers' VM
+// operations (see ServeVM). It connects to a VM's QMP socket only for the time
 // of one operation, so another client may use the monitor in between.
 type Controller struct {
 	vms map[string]string // name → QMP socket path
@@ -38,6 +38,23 @@ type incoming struct {
 	session string
 	nbd     bool // the NBD server is started
 	busy    bool // an operation is running
+	// recovering is the postcopy pause (VMRequest.Pause) for which QEMU
+	// was last asked to listen again; 0: none.
+	recovering int
+}
+
+// Incoming is a VMPrepare with what the destination decides: the session
+// and the local endpoints of its main and nbd channels.
+type Incoming struct {
+	VMPrepare
+	// Session is the session's ID; Peer the certificate name of its source.
+	Session, Peer string
+	// Main is where the session's main streams go: QEMU's
+	// migrate-incoming address.
+	Main endpoint.Endpoint
+	// NBD is where the session's nbd streams go: QEMU's NBD server
+	// address; zero when the session has no nbd channel.
+	NBD endpoint.Endpoint
 }
 
 // NewController returns a controller for the VMs given by name and QMP
@@ -48,8 +65,6 @@ func NewController(vms map[string]string, log *slog.Logger) *Controller {
 	}
 	return &Controller{vms: maps.Clone(vms), log: log, incoming: make(map[string]*incoming)}
 }
-
-var _ proxy.VMController = (*Controller)(nil)
 
 // ParseVM reads a --qmp NAME=unix:PATH flag value.
 func ParseVM(s string) (name, path string, err error) {
@@ -62,11 +77,11 @@ func ParseVM(s string) (name, path string, err error) {
 			return "", "", fmt.Errorf("%q: a VM name is letters, digits, '.', '_' and '-'", s)
 		}
 	}
-	path, ok = strings.CutPrefix(spec, "unix:")
-	if !ok || path == "" {
-		return "", "", fmt.Errorf("%q: the QMP socket must be unix:PATH", s)
+	ep, err := endpoint.ParseUnix(spec)
+	if err != nil {
+		return "", "", fmt.Errorf("%q: the QMP socket: %w", s, err)
 	}
-	return name, path, nil
+	return name, ep.Address, nil
 }
 
 // acquire marks vm busy for an operation of session; with prepare set, vm
@@ -75,20 +90,20 @@ func ParseVM(s string) (name, path string, err error) {
 func (c *Controller) acquire(vm, session string, prepare bool) (*incoming, error) {
 	if _, ok := c.vms[vm]; !ok {
 		names := slices.Sorted(maps.Keys(c.vms))
-		return nil, fmt.Errorf("unknown VM %q on this host (registered: %s)", vm, strings.Join(names, ", "))
+		return nil, control.Errorf(control.CodeNotFound, "unknown VM %q on this host (registered: %s)", vm, strings.Join(names, ", "))
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	in := c.incoming[vm]
 	switch {
 	case in != nil && in.session != session:
-		return nil, fmt.Errorf("VM %q is busy with another migration", vm)
+		return nil, control.Errorf(control.CodeBusy, "VM %q is busy with another migration", vm)
 	case in != nil && in.busy:
-		return nil, fmt.Errorf("VM %q: another operation is running", vm)
+		return nil, control.Errorf(control.CodeBusy, "VM %q: another operation is running", vm)
 	case in == nil && !prepare:
-		return nil, fmt.Errorf("VM %q is not prepared for this session", vm)
+		return nil, control.Errorf(control.CodeNotPrepared, "VM %q is not prepared for this session", vm)
 	case in != nil && prepare:
-		return nil, fmt.Errorf("VM %q is already prepared for this session", vm)
+		return nil, control.Errorf(control.CodeBusy, "VM %q is already prepared for this session", vm)
 	case in == nil:
 		in = &incoming{session: session}
 		c.incoming[vm] = in
@@ -109,7 +124,7 @@ func (c *Controller) release(vm string, in *incoming, forget bool) {
 func (c *Controller) dial(ctx context.Context, vm string) (*qmp.Client, error) {
 	q, err := qmp.Dial(ctx, c.vms[vm])
 	if err != nil {
-		return nil, fmt.Errorf("VM %q: connecting to its QMP socket: %w", vm, err)
+		return nil, control.Errorf(control.CodeVMFailed, "VM %q: connecting to its QMP socket: %w", vm, err)
 	}
 	return q, nil
 }
@@ -117,7 +132,7 @@ func (c *Controller) dial(ctx context.Context, vm string) (*qmp.Client, error) {
 // PrepareIncoming checks the VM waits for an incoming migration and has
 // every disk, sets the capabilities, exports the disks over NBD on in.NBD
 // and listens on in.Main.
-func (c *Controller) PrepareIncoming(ctx context.Context, vm string, in proxy.VMIncoming) (p *proxy.VMPrepared, err error) {
+func (c *Controller) PrepareIncoming(ctx context.Context, vm string, in Incoming) (p *VMPrepared, err error) {
 	st, err := c.acquire(vm, in.Session, true)
 	if err != nil {
 		return nil, err
@@ -128,14 +143,16 @@ func (c *Controller) PrepareIncoming(ctx context.Context, vm string, in proxy.VM
 		return nil, err
 	}
 	defer q.Close()
-	fail := func(what string, err error) error { return fmt.Errorf("VM %q: %s: %w", vm, what, err) }
+	fail := func(what string, err error) error {
+		return control.Errorf(control.CodeVMFailed, "VM %q: %s: %w", vm, what, err)
+	}
 
 	status, err := q.QueryStatus(ctx)
 	if err != nil {
 		return nil, fail("query-status", err)
 	}
 	if status.Status != "inmigrate" {
-		return nil, fmt.Errorf("VM %q is not waiting for an incoming migration: its state is %q (start its QEMU with -incoming defer)", vm, status.Status)
+		return nil, control.Errorf(control.CodeBusy, "VM %q is not waiting for an incoming migration: its state is %q (start its QEMU with -incoming defer)", vm, status.Status)
 	}
 	if err := checkDisks(ctx, q, in.Disks); err != nil {
 		return nil, fail("checking the target disks", err)
@@ -146,7 +163,7 @@ func (c *Controller) PrepareIncoming(ctx context.Context, vm string, in proxy.VM
 	}
 	caps, err := capabilitySet(offered, in.Capabilities, "destination QEMU "+q.Version().String())
 	if err != nil {
-		return nil, err
+		return nil, control.Errorf(control.CodeBadRequest, "%w", err)
 	}
 	if err := q.MigrateSetCapabilities(ctx, caps); err != nil {
 		return nil, fail("migrate-set-capabilities", err)
@@ -156,7 +173,7 @@ func (c *Controller) PrepareIncoming(ctx context.Context, vm string, in proxy.VM
 			return nil, fail("migrate-set-parameters", err)
 		}
 	}
-	p = &proxy.VMPrepared{QEMU: q.Version().String(), Capabilities: slices.Sorted(maps.Keys(offered))}
+	p = &VMPrepared{QEMU: q.Version().String(), Capabilities: slices.Sorted(maps.Keys(offered))}
 	if len(in.Disks) > 0 {
 		if err := nbdServerStart(ctx, q, in.NBD); err != nil {
 			return nil, fail("nbd-server-start", err)
@@ -188,7 +205,7 @@ func (c *Controller) PrepareIncoming(ctx context.Context, vm string, in proxy.VM
 
 // FinishIncoming waits for the incoming migration to complete, stops the
 // NBD server and resumes the guest if asked.
-func (c *Controller) FinishIncoming(ctx context.Context, vm, session string, resume bool) (r *proxy.VMResult, err error) {
+func (c *Controller) FinishIncoming(ctx context.Context, vm, session string, resume bool) (r *VMResult, err error) {
 	st, err := c.acquire(vm, session, false)
 	if err != nil {
 		return nil, err
@@ -200,23 +217,23 @@ func (c *Controller) FinishIncoming(ctx context.Context, vm, session string, res
 	}
 	defer q.Close()
 	if _, err := q.WaitMigration(ctx, pollInterval, nil); err != nil {
-		return nil, fmt.Errorf("VM %q: waiting for the incoming migration: %w", vm, err)
+		return nil, control.Errorf(control.CodeVMFailed, "VM %q: waiting for the incoming migration: %w", vm, err)
 	}
 	if st.nbd {
 		if err := q.NBDServerStop(ctx); err != nil {
-			return nil, fmt.Errorf("VM %q: nbd-server-stop: %w", vm, err)
+			return nil, control.Errorf(control.CodeVMFailed, "VM %q: nbd-server-stop: %w", vm, err)
 		}
 		st.nbd = false
 	}
-	r = &proxy.VMResult{}
+	r = &VMResult{}
 	if resume {
 		if err := q.Cont(ctx); err != nil {
-			return nil, fmt.Errorf("VM %q: cont: %w", vm, err)
+			return nil, control.Errorf(control.CodeVMFailed, "VM %q: cont: %w", vm, err)
 		}
 		r.Resumed = true
 	}
 	if r.Status, err = q.Status(ctx); err != nil {
-		return nil, fmt.Errorf("VM %q: query-status: %w", vm, err)
+		return nil, control.Errorf(control.CodeVMFailed, "VM %q: query-status: %w", vm, err)
 	}
 	c.log.Info("incoming migration finished", "vm", vm, "session", session, "status", r.Status)
 	return r, nil
@@ -225,9 +242,9 @@ func (c *Controller) FinishIncoming(ctx context.Context, vm, session string, res
 // RecoverIncoming waits until the VM's incoming postcopy migration has
 // paused (this host may notice a broken channel later than the source),
 // then has its QEMU listen on main (the session's own main route) for the
-// source's resumed channel. A recovery already listening is not an error,
-// so the source may retry a request whose answer it lost.
-func (c *Controller) RecoverIncoming(ctx context.Context, vm, session string, main proxy.Endpoint) error {
+// source's resumed channel. A request for the pause it listens for already
+// is answered at once, so the source may retry one whose answer it lost.
+func (c *Controller) RecoverIncoming(ctx context.Context, vm, session string, pause int, main endpoint.Endpoint) error {
 	st, err := c.acquire(vm, session, false)
 	if err != nil {
 		return err
@@ -235,7 +252,7 @@ func (c *Controller) RecoverIncoming(ctx context.Context, vm, session string, ma
 	defer c.release(vm, st, false)
 	uri, err := endpointURI(main)
 	if err != nil {
-		return fmt.Errorf("VM %q: the main channel's route: %w", vm, err)
+		return control.Errorf(control.CodeBadRequest, "VM %q: the main channel's route: %w", vm, err)
 	}
 	q, err := c.dial(ctx, vm)
 	if err != nil {
@@ -244,16 +261,22 @@ func (c *Controller) RecoverIncoming(ctx context.Context, vm, session string, ma
 	defer q.Close()
 	status, err := waitPostcopyPaused(ctx, q)
 	if err != nil {
-		return fmt.Errorf("VM %q: %w", vm, err)
+		return control.Errorf(control.CodeVMFailed, "VM %q: %w", vm, err)
 	}
 	if status == qmp.MigrationPostcopyRecover {
 		return nil // the source's channel is back already
 	}
+	if pause > 0 && st.recovering == pause {
+		return nil // QEMU listens for this pause already
+	}
+	// Marked before asking: if the answer is lost, QEMU may listen already.
+	st.recovering = pause
 	if err := q.MigrateRecover(ctx, uri); err != nil {
-		if strings.Contains(err.Error(), "triggered already") {
-			return nil // QEMU 7.2's words for a recovery that listens already
+		var qe *qmp.Error
+		if errors.As(err, &qe) {
+			st.recovering = 0 // QEMU refused: it does not listen
 		}
-		return fmt.Errorf("VM %q: migrate-recover: %w", vm, err)
+		return control.Errorf(control.CodeVMFailed, "VM %q: migrate-recover: %w", vm, err)
 	}
 	return nil
 }
@@ -290,10 +313,10 @@ func waitPostcopyPaused(ctx context.Context, q *qmp.Client) (string, error) {
 // migrate-incoming; a destination whose incoming migration failed exits.)
 func (c *Controller) AbortIncoming(ctx context.Context, vm, session string) error {
 	st, err := c.acquire(vm, session, false)
+	if errors.Is(err, control.ErrNotPrepared) {
+		return nil // nothing to undo
+	}
 	if err != nil {
-		if _, known := c.vms[vm]; known && strings.Contains(err.Error(), "not prepared") {
-			return nil // nothing to undo
-		}
 		return err
 	}
 	defer c.release(vm, st, true)
@@ -357,7 +380,7 @@ type blockNode struct {
 }
 
 // checkDisks verifies every disk exists as a block node of the same size.
-func checkDisks(ctx context.Context, q *qmp.Client, disks []proxy.VMDisk) error {
+func checkDisks(ctx context.Context, q *qmp.Client, disks []VMDisk) error {
 	if len(disks) == 0 {
 		return nil
 	}
@@ -369,7 +392,7 @@ func checkDisks(ctx context.Context, q *qmp.Client, disks []proxy.VMDisk) error 
 }
 
 // matchDisks is checkDisks on a query-named-block-nodes reply.
-func matchDisks(nodes []blockNode, disks []proxy.VMDisk) error {
+func matchDisks(nodes []blockNode, disks []VMDisk) error {
 	byName := make(map[string]blockNode, len(nodes))
 	for _, n := range nodes {
 		byName[n.NodeName] = n
@@ -412,19 +435,16 @@ func capabilitySet(offered, want map[string]bool, who string) (map[string]bool, 
 }
 
 // endpointURI is QEMU's migration URI for a local endpoint.
-func endpointURI(ep proxy.Endpoint) (string, error) {
-	switch ep.Network {
-	case "unix":
-		return "unix:" + ep.Address, nil
-	case "tcp":
-		return "tcp:" + ep.Address, nil
+func endpointURI(ep endpoint.Endpoint) (string, error) {
+	if ep.Network != "unix" && ep.Network != "tcp" {
+		return "", fmt.Errorf("endpoint %s: QEMU cannot listen there", ep)
 	}
-	return "", fmt.Errorf("endpoint %s: QEMU cannot listen there", ep)
+	return ep.String(), nil
 }
 
 // nbdServerStart starts the NBD server at ep, in the legacy address form
 // QEMU 7.2 requires.
-func nbdServerStart(ctx context.Context, q *qmp.Client, ep proxy.Endpoint) error {
+func nbdServerStart(ctx context.Context, q *qmp.Client, ep endpoint.Endpoint) error {
 	switch ep.Network {
 	case "unix":
 		return q.NBDServerStartUnix(ctx, ep.Address)

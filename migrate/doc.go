@@ -24,12 +24,14 @@
 //
 // Postcopy is the exception: once it has begun the destination runs the
 // guest, so the source is never resumed. A broken channel pauses both
-// QEMUs; Run then asks the destination (vm-recover) to listen again on the
+// QEMUs; Run then asks the destination (recover) to listen again on the
 // session's main route and resumes the source into the same session, until
 // Options.RecoverTimeout. A migration that fails in postcopy (not
 // recovered in time, a timeout, a signal) fails with [ErrPostcopyFailed],
 // both QEMUs left as they are for a recovery by hand.
 //
 // [Controller] is the destination's side, plugged into the proxy as its
-// [proxy.VMController]; [Run] is the source's side.
+// [proxy.VMHandler]; [Run] is the source's side. The VM operations and
+// their types are in vm.go; they travel inside the session's control
+// exchange, which package proxy carries without reading them.
 package migrate

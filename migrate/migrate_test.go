@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/proxy"
 )
 
@@ -28,10 +29,10 @@ func TestMatchDisks(t *testing.T) {
 	json.Unmarshal([]byte(`[{"node-name":"disk0","ro":false,"image":{"virtual-size":1024}},
 		{"node-name":"disk0-file","image":{"virtual-size":1024}},
 		{"node-name":"cd","ro":true,"image":{"virtual-size":1024}}]`), &nodes)
-	if err := matchDisks(nodes, []proxy.VMDisk{{Node: "disk0", Size: 1024}}); err != nil {
+	if err := matchDisks(nodes, []VMDisk{{Node: "disk0", Size: 1024}}); err != nil {
 		t.Fatal(err)
 	}
-	err := matchDisks(nodes, []proxy.VMDisk{{Node: "disk0", Size: 2048}, {Node: "disk1", Size: 1}, {Node: "cd", Size: 1024}})
+	err := matchDisks(nodes, []VMDisk{{Node: "disk0", Size: 2048}, {Node: "disk1", Size: 1}, {Node: "cd", Size: 1024}})
 	for _, want := range []string{`"disk0" has 1024 bytes, the source's has 2048`, `no block node "disk1"`, `"cd" is read-only`} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("error %v does not say %q", err, want)
@@ -89,10 +90,10 @@ func TestNBDServer(t *testing.T) {
 }
 
 func TestEndpointURI(t *testing.T) {
-	if u, _ := endpointURI(proxy.Endpoint{Network: "unix", Address: "/a"}); u != "unix:/a" {
+	if u, _ := endpointURI(endpoint.Endpoint{Network: "unix", Address: "/a"}); u != "unix:/a" {
 		t.Fatal(u)
 	}
-	if u, _ := endpointURI(proxy.Endpoint{Network: "tcp", Address: "127.0.0.1:1"}); u != "tcp:127.0.0.1:1" {
+	if u, _ := endpointURI(endpoint.Endpoint{Network: "tcp", Address: "127.0.0.1:1"}); u != "tcp:127.0.0.1:1" {
 		t.Fatal(u)
 	}
 	if _, err := endpointURI(proxy.SessionSocket); err == nil {
@@ -105,14 +106,14 @@ func TestEndpointURI(t *testing.T) {
 func TestControllerRefuses(t *testing.T) {
 	c := NewController(map[string]string{"vm1": "/nonexistent/qmp"}, nil)
 	ctx := context.Background()
-	if _, err := c.PrepareIncoming(ctx, "vm2", proxy.VMIncoming{Session: "s1"}); err == nil ||
+	if _, err := c.PrepareIncoming(ctx, "vm2", Incoming{Session: "s1"}); err == nil ||
 		!strings.Contains(err.Error(), `unknown VM "vm2" on this host (registered: vm1)`) {
 		t.Fatalf("unknown VM: %v", err)
 	}
 	if _, err := c.FinishIncoming(ctx, "vm1", "s1", false); err == nil || !strings.Contains(err.Error(), "not prepared") {
 		t.Fatalf("finish unprepared: %v", err)
 	}
-	if err := c.RecoverIncoming(ctx, "vm1", "s1", proxy.Endpoint{Network: "unix", Address: "/nonexistent/in.sock"}); err == nil || !strings.Contains(err.Error(), "not prepared") {
+	if err := c.RecoverIncoming(ctx, "vm1", "s1", 1, endpoint.Endpoint{Network: "unix", Address: "/nonexistent/in.sock"}); err == nil || !strings.Contains(err.Error(), "not prepared") {
 		t.Fatalf("recover unprepared: %v", err)
 	}
 	if err := c.AbortIncoming(ctx, "vm1", "s1"); err != nil {

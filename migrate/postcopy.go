@@ -6,13 +6,12 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/migtun/migtun/proxy"
 	"github.com/migtun/migtun/qmp"
 )
 
 // DefaultRecoverTimeout is how long a postcopy migration paused by a broken
 // channel is tried to be recovered. It stays below the sessions' default
-// time-to-live (proxy.DefaultSessionTTL), which ends a session left
+// time-to-live (the default --session-ttl of migtun serve), which ends a session left
 // without streams.
 const DefaultRecoverTimeout = 90 * time.Second
 
@@ -72,7 +71,7 @@ func (r *run) recoverPostcopy(ctx context.Context) error {
 func (r *run) tryRecover(ctx context.Context) error {
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	if err := r.ctl.vmRecover(cctx, r.session.ID, proxy.VMRequest{VM: r.o.DestVM}); err != nil {
+	if err := r.dest.recover(cctx, r.res.Recoveries); err != nil {
 		return fmt.Errorf("destination: %w", err)
 	}
 	if err := r.q.MigrateResume(cctx, r.uri("main")); err != nil {

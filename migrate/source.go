@@ -9,7 +9,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/migtun/migtun/proxy"
+	"github.com/migtun/migtun/control"
+	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/qmp"
 )
 
@@ -123,8 +124,8 @@ type Result struct {
 	SourceStatus string `json:"source_status"`
 	// Channels are the session's channels as finish reported them;
 	// Mismatch the differences between both hosts' counts (none expected).
-	Channels []proxy.ChannelInfo `json:"channels"`
-	Mismatch []string            `json:"mismatch"`
+	Channels []control.ChannelInfo `json:"channels"`
+	Mismatch []string              `json:"mismatch"`
 }
 
 // StepError is a failed migration: the step and what failed.
@@ -148,14 +149,15 @@ type disk struct {
 type run struct {
 	o     Options
 	q     *qmp.Client
-	ctl   *control
+	ctl   *control.Client
+	dest  destVM // the destination VM, once the session is prepared
 	start time.Time
 	// reported is when progress was last passed to the local migtun.
 	reported time.Time
 
 	wasRunning bool
 	disks      []*disk
-	session    *proxy.SessionInfo
+	session    *control.SessionInfo
 	vmPrepared bool
 	migrating  bool
 	finished   bool // vm-finish answered: the destination owns the VM
@@ -199,11 +201,11 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if o.Multifd < 0 || o.Multifd > 255 {
 		return nil, &StepError{StepBegin, fmt.Errorf("multifd %d: want 0 to 255", o.Multifd)}
 	}
-	ctl, err := newControl(o.Control)
+	ctl, err := control.NewClient(o.Control, &control.Options{Timeout: 2 * time.Minute})
 	if err != nil {
 		return nil, &StepError{StepBegin, err}
 	}
-	defer ctl.close()
+	defer ctl.Close()
 	r := &run{o: o, ctl: ctl, start: time.Now()}
 	res, err := r.run(ctx)
 	if r.q != nil {
@@ -236,17 +238,17 @@ func (r *run) reportProgress(p Progress) {
 		return
 	}
 	r.reported = time.Now()
-	mp := proxy.MigrationProgress{}
+	mp := control.MigrationProgress{}
 	if p.Migration != nil && p.Migration.RAM != nil {
 		mp.RAMTransferred, mp.RAMRemaining = p.Migration.RAM.Transferred, p.Migration.RAM.Remaining
 		mp.DirtyPagesRate = p.Migration.RAM.DirtyPagesRate
 	}
 	for _, d := range p.Disks {
-		mp.Disks = append(mp.Disks, proxy.DiskMirror{Node: d.Node, Done: d.Done, Total: d.Total})
+		mp.Disks = append(mp.Disks, control.DiskMirror{Node: d.Node, Done: d.Done, Total: d.Total})
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	r.ctl.reportProgress(ctx, r.session.ID, mp)
+	r.ctl.ReportProgress(ctx, r.session.ID, mp)
 }
 
 func (r *run) run(ctx context.Context) (*Result, error) {
@@ -389,21 +391,22 @@ func (r *run) prepare(ctx context.Context) error {
 	if len(r.disks) > 0 {
 		channels = append(channels, "nbd")
 	}
-	info, err := r.ctl.prepare(ctx, proxy.PrepareRequest{Peer: r.o.Peer, Channels: channels})
+	info, err := r.ctl.Prepare(ctx, control.PrepareRequest{Peer: r.o.Peer, Channels: channels})
 	if err != nil {
 		return fmt.Errorf("session: %w", err)
 	}
 	r.session = info
 	r.res.Session = info.ID
-	req := proxy.VMPrepare{Capabilities: want}
+	r.dest = destVM{ctl: r.ctl, session: info.ID, vm: r.o.DestVM}
+	req := VMPrepare{Capabilities: want}
 	if r.o.Multifd > 0 {
 		req.MultifdChannels = r.o.Multifd
 	}
 	for _, d := range r.disks {
-		req.Disks = append(req.Disks, proxy.VMDisk{Node: d.node, Size: d.size})
+		req.Disks = append(req.Disks, VMDisk{Node: d.node, Size: d.size})
 	}
 	r.vmPrepared = true // from here on, vm-abort on failure
-	p, err := r.ctl.vmPrepare(ctx, info.ID, proxy.VMRequest{VM: r.o.DestVM, Prepare: &req})
+	p, err := r.dest.prepare(ctx, req)
 	if err != nil {
 		return err
 	}
@@ -437,17 +440,15 @@ func (r *run) uri(channel string) string {
 
 // nbdServer is blockdev-add's server argument for the session's nbd URI.
 func nbdServer(uri string) (map[string]any, error) {
-	if p, ok := strings.CutPrefix(uri, "unix:"); ok {
-		return map[string]any{"type": "unix", "path": p}, nil
+	ep, err := endpoint.Parse(uri)
+	if err != nil {
+		return nil, fmt.Errorf("nbd channel: %w", err)
 	}
-	if a, ok := strings.CutPrefix(uri, "tcp:"); ok {
-		host, port, err := net.SplitHostPort(a)
-		if err != nil {
-			return nil, err
-		}
-		return map[string]any{"type": "inet", "host": host, "port": port}, nil
+	if ep.Network == "unix" {
+		return map[string]any{"type": "unix", "path": ep.Address}, nil
 	}
-	return nil, fmt.Errorf("nbd channel URI %q: want unix: or tcp:", uri)
+	host, port, _ := net.SplitHostPort(ep.Address) // checked by Parse
+	return map[string]any{"type": "inet", "host": host, "port": port}, nil
 }
 
 // mirror copies every disk into the nbd channel until all are in sync.
@@ -623,11 +624,11 @@ func (r *run) completeMirrors(ctx context.Context) error {
 	wctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	for {
-		info, err := r.ctl.show(wctx, r.session.ID)
+		info, err := r.ctl.Session(wctx, r.session.ID)
 		if err != nil {
 			return fmt.Errorf("waiting for the nbd channel to drain: %w", err)
 		}
-		i := slices.IndexFunc(info.Channels, func(c proxy.ChannelInfo) bool { return c.Name == "nbd" })
+		i := slices.IndexFunc(info.Channels, func(c control.ChannelInfo) bool { return c.Name == "nbd" })
 		if i < 0 || info.Channels[i].ActiveStreams == 0 {
 			return nil
 		}
@@ -643,7 +644,7 @@ func (r *run) completeMirrors(ctx context.Context) error {
 // if it ran here (unless Paused).
 func (r *run) finish(ctx context.Context) error {
 	r.progress(Progress{Step: StepFinish})
-	res, err := r.ctl.vmFinish(ctx, r.session.ID, proxy.VMRequest{VM: r.o.DestVM, Resume: r.wasRunning && !r.o.Paused})
+	res, err := r.dest.finish(ctx, r.wasRunning && !r.o.Paused)
 	if err != nil {
 		return err
 	}
@@ -663,7 +664,7 @@ func (r *run) confirm(ctx context.Context) error {
 	} else if st, err := r.q.Status(ctx); err == nil {
 		r.res.SourceStatus = st
 	}
-	rep, err := r.ctl.finish(ctx, r.session.ID)
+	rep, err := r.ctl.Finish(ctx, r.session.ID, 0)
 	if err != nil {
 		return fmt.Errorf("session finish: %w", err)
 	}
@@ -729,7 +730,7 @@ func (r *run) releaseSession(ctx context.Context, cause error) {
 	}
 	reason := cause.Error()
 	if r.vmPrepared {
-		r.ctl.vmAbort(ctx, r.session.ID, proxy.VMRequest{VM: r.o.DestVM, Reason: reason})
+		r.dest.abort(ctx, reason)
 	}
-	r.ctl.abort(ctx, r.session.ID, reason)
+	r.ctl.Abort(ctx, r.session.ID, reason)
 }

@@ -11,6 +11,7 @@ import (
 	"io"
 	"time"
 
+	"github.com/migtun/migtun/control"
 	"github.com/migtun/migtun/tunnel"
 )
 
@@ -25,19 +26,30 @@ const (
 	maxControlBody = 64 << 10
 	// controlTimeout bounds one control exchange.
 	controlTimeout = 30 * time.Second
+	// handleTimeout bounds the destination's handling of a request; it
+	// stays below controlTimeout, so even the answer "timed out" reaches
+	// the source.
+	handleTimeout = controlTimeout - 5*time.Second
 )
 
-// Control operations.
+// Control operations. The VM operations (vm-prepare, vm-finish, …) are
+// package migrate's; this package carries them opaquely (see VMHandler).
 const (
 	opPrepare = "prepare"
 	opFinish  = "finish"
 	opAbort   = "abort"
+	// vmOpPrefix starts the name of every VM operation.
+	vmOpPrefix = "vm-"
 )
+
+// peerNoticeTimeout bounds a notice to the peer whose answer does not
+// matter (an abort, an expiry).
+const peerNoticeTimeout = 3 * time.Second
 
 // controlRequest is what a source asks of its peer.
 type controlRequest struct {
 	Op string `json:"op"`
-	// Session and Token name the session (finish, abort).
+	// Session and Token name the session (finish, abort, VM operations).
 	Session string `json:"session,omitempty"`
 	Token   string `json:"token,omitempty"`
 	// Channels are the channels to prepare.
@@ -46,26 +58,27 @@ type controlRequest struct {
 	// source's session expiring, so the destination's ends expired too.
 	Reason  string `json:"reason,omitempty"`
 	Expired bool   `json:"expired,omitempty"`
-	// VM names a VM registered on the destination (vm-prepare, vm-finish,
-	// vm-recover, vm-abort); Prepare is what vm-prepare asks, Resume what
-	// vm-finish does.
-	VM      string     `json:"vm,omitempty"`
-	Prepare *VMPrepare `json:"prepare,omitempty"`
-	Resume  bool       `json:"resume,omitempty"`
+	// VM is the body of a VM operation, as the VMHandler reads it.
+	VM json.RawMessage `json:"vm,omitempty"`
 }
 
-// controlResponse is the peer's answer. Error is set on failure.
+// controlResponse is the peer's answer. Error and Code are set on failure.
 type controlResponse struct {
-	Error string `json:"error,omitempty"`
+	Error string       `json:"error,omitempty"`
+	Code  control.Code `json:"code,omitempty"`
 	// Session, Token and TTL answer prepare.
 	Session string `json:"session,omitempty"`
 	Token   string `json:"token,omitempty"`
 	TTL     string `json:"ttl,omitempty"`
 	// Channels answers finish: the peer's view of each channel.
-	Channels []ChannelInfo `json:"channels,omitempty"`
-	// Prepared answers vm-prepare, Result vm-finish.
-	Prepared *VMPrepared `json:"prepared,omitempty"`
-	Result   *VMResult   `json:"result,omitempty"`
+	Channels []control.ChannelInfo `json:"channels,omitempty"`
+	// VM answers a VM operation.
+	VM json.RawMessage `json:"vm,omitempty"`
+}
+
+// failed returns the response of a failed request.
+func failed(err error) controlResponse {
+	return controlResponse{Error: err.Error(), Code: control.CodeOf(err)}
 }
 
 // writeMessage writes v as one length-prefixed JSON message.
@@ -116,7 +129,7 @@ func parseSessionID(s string) (tunnel.SessionID, error) {
 	var id tunnel.SessionID
 	b, err := hex.DecodeString(s)
 	if err != nil || len(b) != len(id) {
-		return id, fmt.Errorf("session ID %q: want %d hex digits", s, 2*len(id))
+		return id, control.Errorf(control.CodeBadRequest, "session ID %q: want %d hex digits", s, 2*len(id))
 	}
 	copy(id[:], b)
 	return id, nil
@@ -126,59 +139,96 @@ func parseToken(s string) (tunnel.Token, error) {
 	var t tunnel.Token
 	b, err := hex.DecodeString(s)
 	if err != nil || len(b) != len(t) {
-		return t, errors.New("malformed session token")
+		return t, control.Errorf(control.CodeBadRequest, "malformed session token")
 	}
 	copy(t[:], b)
 	return t, nil
 }
 
 // callPeer sends one control request to the peer at addr and returns its
-// response; a response with Error set is returned as an error.
+// response; a response with Error set is returned as a *control.Error
+// with the peer's code.
 func (s *Server) callPeer(ctx context.Context, addr string, req controlRequest) (*controlResponse, error) {
 	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
 	defer cancel()
-	st, err := s.dialer.Open(ctx, addr, tunnel.Header{Kind: tunnel.KindControl, Channel: controlChannel})
+	st, err := s.openControl(ctx, addr)
 	if err != nil {
-		return nil, fmt.Errorf("peer %s: %w", addr, err)
+		return nil, &control.Error{Code: openCode(ctx, err), Message: fmt.Sprintf("peer %s: %v", addr, err), Peer: addr}
 	}
 	defer st.Close()
 	stop := context.AfterFunc(ctx, func() { st.SetDeadline(time.Now()) })
 	defer stop()
+	exchange := func(what string, err error) error {
+		code := control.CodeUnavailable
+		if ctx.Err() != nil {
+			code = control.CodeTimeout
+		}
+		return &control.Error{Code: code, Message: fmt.Sprintf("peer %s: %s %s: %v", addr, what, req.Op, err), Peer: addr}
+	}
 	if err := writeMessage(st, req); err != nil {
-		return nil, fmt.Errorf("peer %s: sending %s: %w", addr, req.Op, err)
+		return nil, exchange("sending", err)
 	}
 	var resp controlResponse
 	if err := readMessage(st, &resp); err != nil {
-		return nil, fmt.Errorf("peer %s: answer to %s: %w", addr, req.Op, err)
+		return nil, exchange("answer to", err)
 	}
 	if resp.Error != "" {
-		return &resp, fmt.Errorf("peer %s refused %s: %s", addr, req.Op, resp.Error)
+		code := resp.Code
+		if code == "" {
+			code = control.CodeInternal
+		}
+		return &resp, &control.Error{Code: code, Message: fmt.Sprintf("peer %s refused %s: %s", addr, req.Op, resp.Error), Peer: addr}
 	}
 	return &resp, nil
 }
 
-// serveControl answers one control stream from a peer.
-func (s *Server) serveControl(in *tunnel.Incoming) {
-	st, err := in.Accept()
-	if err != nil {
-		return
+// openControl opens a control stream to the peer. A peer with too many of
+// this host's requests in flight refuses the stream before reading
+// anything, so it is opened again, with backoff, until ctx ends; the last
+// refusal is returned then.
+func (s *Server) openControl(ctx context.Context, addr string) (tunnel.Stream, error) {
+	backoff := 20 * time.Millisecond
+	for {
+		st, err := s.dialer.Open(ctx, addr, tunnel.Header{Kind: tunnel.KindControl, Channel: controlChannel})
+		if err == nil || tunnel.ReasonOf(err) != tunnel.ReasonLimit {
+			return st, err
+		}
+		t := time.NewTimer(backoff)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, err
+		case <-t.C:
+		}
+		backoff = min(2*backoff, time.Second)
 	}
-	defer st.Close()
-	st.SetDeadline(time.Now().Add(controlTimeout))
-	log := s.log.With("peer", in.Peer)
-	var req controlRequest
-	var resp controlResponse
-	if err := readMessage(st, &req); err != nil {
-		s.metrics.refused(tunnel.ReasonMalformed)
-		log.Warn("control request refused", "err", err.Error())
-		resp.Error = err.Error()
-	} else {
-		resp = s.sessions.handlePeer(s, in.Peer, req)
-		if resp.Error != "" {
-			log.Warn("control request failed", "op", req.Op, "session", req.Session, "err", resp.Error)
+}
+
+// openCode classifies a failure to open a control stream to the peer.
+func openCode(ctx context.Context, err error) control.Code {
+	var re *tunnel.RefusedError
+	if errors.As(err, &re) {
+		switch re.Reason {
+		case tunnel.ReasonLimit:
+			return control.CodeLimit
+		case tunnel.ReasonShuttingDown:
+			return control.CodeShuttingDown
+		case tunnel.ReasonTimeout:
+			return control.CodeTimeout
 		}
 	}
-	if err := writeMessage(st, resp); err == nil {
-		st.CloseWrite()
+	if ctx.Err() != nil {
+		return control.CodeTimeout
+	}
+	return control.CodeUnavailable
+}
+
+// tellPeer sends a control request whose answer does not matter, bounded
+// by ctx and peerNoticeTimeout; a failure is logged.
+func (s *Server) tellPeer(ctx context.Context, addr string, req controlRequest) {
+	ctx, cancel := context.WithTimeout(ctx, peerNoticeTimeout)
+	defer cancel()
+	if _, err := s.callPeer(ctx, addr, req); err != nil {
+		s.log.Warn("could not tell the peer", "op", req.Op, "session", req.Session, "err", err.Error())
 	}
 }

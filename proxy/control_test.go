@@ -1,10 +1,14 @@
 package proxy
 
 import (
+	"encoding/json"
+
 	"bytes"
 	"encoding/binary"
 	"errors"
 	"testing"
+
+	"github.com/migtun/migtun/control"
 )
 
 func FuzzReadMessage(f *testing.F) {
@@ -12,14 +16,17 @@ func FuzzReadMessage(f *testing.F) {
 	writeMessage(&buf, controlRequest{Op: opPrepare, Channels: []string{"main", "nbd"}})
 	f.Add(bytes.Clone(buf.Bytes()))
 	buf.Reset()
-	writeMessage(&buf, controlResponse{Channels: []ChannelInfo{{Name: "main", Streams: 5, BytesForward: 1 << 30}}})
+	writeMessage(&buf, controlResponse{Channels: []control.ChannelInfo{{Name: "main", Streams: 5, BytesForward: 1 << 30}}})
+	f.Add(bytes.Clone(buf.Bytes()))
+	buf.Reset()
+	writeMessage(&buf, controlResponse{Error: "VM busy", Code: control.CodeBusy, VM: json.RawMessage(`{"qemu":"10.0.2"}`)})
 	f.Add(bytes.Clone(buf.Bytes()))
 	for _, req := range []controlRequest{
-		{Op: opVMPrepare, Session: "0123456789abcdef0123456789abcdef", Token: "t", VM: "vm1", Prepare: &VMPrepare{
-			Disks: []VMDisk{{Node: "disk0"}}, Capabilities: map[string]bool{"multifd": true, "postcopy-ram": true}, MultifdChannels: 4}},
-		{Op: opVMFinish, Session: "0123456789abcdef0123456789abcdef", VM: "vm1", Resume: true},
-		{Op: opVMRecover, Session: "0123456789abcdef0123456789abcdef", VM: "vm1"},
-		{Op: opVMAbort, Session: "0123456789abcdef0123456789abcdef", VM: "vm1", Reason: "cancelled"},
+		{Op: "vm-prepare", Session: "0123456789abcdef0123456789abcdef", Token: "t",
+			VM: json.RawMessage(`{"vm":"vm1","prepare":{"disks":[{"node":"disk0","size":1}],"capabilities":{"multifd":true},"multifd_channels":4}}`)},
+		{Op: "vm-finish", Session: "0123456789abcdef0123456789abcdef", VM: json.RawMessage(`{"vm":"vm1","resume":true}`)},
+		{Op: "vm-recover", Session: "0123456789abcdef0123456789abcdef", VM: json.RawMessage(`{"vm":"vm1","pause":2}`)},
+		{Op: "vm-abort", Session: "0123456789abcdef0123456789abcdef", VM: json.RawMessage(`{"vm":"vm1","reason":"cancelled"}`)},
 		{Op: opAbort, Session: "0123456789abcdef0123456789abcdef", Token: "t", Reason: "no stream for 2m0s", Expired: true},
 	} {
 		buf.Reset()

@@ -1,11 +1,13 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"net"
 	"time"
 
+	"github.com/migtun/migtun/control"
 	"github.com/migtun/migtun/tunnel"
 )
 
@@ -28,7 +30,6 @@ type forwarder struct {
 // order changes on the way.
 func (f *forwarder) acceptLoop() {
 	s := f.srv
-	defer s.wg.Done()
 	log := s.log.With(slog.String("forward", f.Listen.String()), slog.String("peer", f.Peer),
 		slog.String("channel", f.Channel))
 	var index uint64
@@ -61,7 +62,12 @@ func (f *forwarder) acceptLoop() {
 				continue
 			}
 		}
-		stream, err := s.dialer.Open(s.ctx, f.Peer, h)
+		ctx, cancel := s.ctx, context.CancelFunc(func() {})
+		if f.sess != nil {
+			ctx, cancel = f.sess.within(s.ctx)
+		}
+		stream, err := s.dialer.Open(ctx, f.Peer, h)
+		cancel()
 		if err != nil {
 			// Closing the local connection at once tells QEMU the channel
 			// failed; the error names the reason the peer gave.
@@ -70,13 +76,13 @@ func (f *forwarder) acceptLoop() {
 			l.Error("stream not opened", "err", err.Error())
 			continue
 		}
-		r := &activeRelay{local: c, remote: stream, channel: f.Channel, role: RoleSource, sess: f.sess, ch: f.ch}
+		r := &activeRelay{local: c, remote: stream, channel: f.Channel, role: control.RoleSource, sess: f.sess, ch: f.ch}
 		if err := s.track(r); err != nil {
 			r.abort()
 			l.Warn("stream aborted", "err", err.Error())
 			continue
 		}
 		l.Info("stream opened")
-		go s.runRelay(r, l)
+		s.startRelay(r, l)
 	}
 }

@@ -19,20 +19,21 @@ import (
 	"testing"
 	"time"
 
+	"github.com/migtun/migtun/control"
 	"github.com/migtun/migtun/internal/leaktest"
-	"github.com/migtun/migtun/proxy"
 	"github.com/migtun/migtun/tunnel"
 )
 
-// TestLoadConcurrentSessions runs 50 sessions at once between two servers,
-// each moving 8 MiB to the destination and 8 MiB back (an echo), checks
-// every byte with sha256 and every session's finish report, reports the
-// peak memory, and checks that no goroutine or descriptor is left after.
-// -short: 10 sessions of 1 MiB.
+// TestLoadConcurrentSessions runs 64 sessions at once between two servers,
+// each with three streams over two channels (two on main, as multifd
+// opens, one on nbd), each stream moving 2 MiB to the destination and 2 MiB
+// back (an echo); it checks every byte with sha256 and every session's
+// finish report, reports the peak memory, and checks that no goroutine or
+// descriptor is left after. -short: 10 sessions of 512 KiB streams.
 func TestLoadConcurrentSessions(t *testing.T) {
-	sessions, size := 50, 8<<20
+	sessions, size := 64, 2<<20
 	if testing.Short() {
-		sessions, size = 10, 1<<20
+		sessions, size = 10, 512<<10
 	}
 	for _, tr := range []tunnel.Transport{tunnel.TLS, tunnel.QUIC, tunnel.Plain} {
 		t.Run(string(tr), func(t *testing.T) {
@@ -86,17 +87,17 @@ func TestLoadConcurrentSessions(t *testing.T) {
 			for err := range errs {
 				t.Error(err)
 			}
-			total := int64(sessions) * int64(size) * 2
-			t.Logf("%s: %d sessions × %d MiB each way, sha256-checked, in %v (%.0f MiB/s through both servers); peak heap in use %d MiB, peak RSS %d MiB (both servers, the clients and the test in one process)",
-				tr, sessions, size>>20, took.Round(time.Millisecond), float64(total)/(1<<20)/took.Seconds(),
+			total := int64(sessions) * int64(size) * 2 * loadStreams
+			t.Logf("%s: %d sessions × 3 streams × %d KiB each way, sha256-checked, in %v (%.0f MiB/s through both servers); peak heap in use %d MiB, peak RSS %d MiB (both servers, the clients and the test in one process)",
+				tr, sessions, size>>10, took.Round(time.Millisecond), float64(total)/(1<<20)/took.Seconds(),
 				peakHeap.Load()>>20, max(peakRSS.Load(), selfStatus(t, "VmHWM"))>>20)
 			for _, s := range h.src.Sessions() {
-				if s.State != proxy.StateFinished {
+				if s.State != control.StateFinished {
 					t.Errorf("source session %s is %s (%s)", s.ID, s.State, s.Error)
 				}
 			}
 			for _, s := range h.dst.Sessions() {
-				if s.State != proxy.StateFinished {
+				if s.State != control.StateFinished {
 					t.Errorf("destination session %s is %s (%s)", s.ID, s.State, s.Error)
 				}
 			}
@@ -109,19 +110,52 @@ func TestLoadConcurrentSessions(t *testing.T) {
 	}
 }
 
-// loadSession prepares a session, sends size random bytes through its
-// main channel to the echo route, checks they come back whole, and
-// finishes the session, checking both hosts counted the same bytes.
+// loadStreams is the streams of a load session: two on main, one on nbd.
+const loadStreams = 3
+
+// loadSession prepares a session with main and nbd, sends size random
+// bytes through each of its streams (two on main, one on nbd) to the echo
+// routes, checks they come back whole, and finishes the session, checking
+// both hosts counted the same streams and bytes.
 func loadSession(h *sessHosts, size int) error {
 	// The bounds only keep a hung session from hanging the test: QUIC
 	// under -race on two busy cores takes minutes.
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
-	info, err := h.src.Prepare(ctx, proxy.PrepareRequest{Peer: h.dst.Addr().String(), Channels: []string{"main"}})
+	info, err := h.src.Prepare(ctx, control.PrepareRequest{Peer: h.dst.Addr().String(), Channels: []string{"main", "nbd"}})
 	if err != nil {
 		return fmt.Errorf("prepare: %w", err)
 	}
-	c, err := net.Dial("unix", strings.TrimPrefix(info.Channels[0].URI, "unix:"))
+	var wg sync.WaitGroup
+	errs := make([]error, loadStreams)
+	for i, ch := range []int{0, 0, 1} {
+		wg.Go(func() { errs[i] = echoStream(info.Channels[ch].URI, size) })
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	rep, err := h.src.Finish(ctx, info.ID, 10*time.Second)
+	if err != nil {
+		return fmt.Errorf("finish: %w", err)
+	}
+	if len(rep.Mismatch) > 0 || rep.Aborted != 0 {
+		return fmt.Errorf("finish: mismatches %q, %d streams aborted", rep.Mismatch, rep.Aborted)
+	}
+	for i, ch := range rep.Session.Channels {
+		want := int64(2 - i) // main 2, nbd 1
+		if ch.Streams != want || ch.BytesForward != want*int64(size) || ch.BytesReturn != want*int64(size) {
+			return fmt.Errorf("finish: %s: %d streams, %d bytes forward, %d back; want %d, %d, %d",
+				ch.Name, ch.Streams, ch.BytesForward, ch.BytesReturn, want, want*int64(size), want*int64(size))
+		}
+	}
+	return nil
+}
+
+// echoStream sends size random bytes through a session URI and checks they
+// come back whole.
+func echoStream(uri string, size int) error {
+	c, err := net.Dial("unix", strings.TrimPrefix(uri, "unix:"))
 	if err != nil {
 		return err
 	}
@@ -148,19 +182,6 @@ func loadSession(h *sessHosts, size int) error {
 	}
 	if n != int64(size) || !bytes.Equal(hs.Sum(nil), sent.Sum(nil)) {
 		return fmt.Errorf("echo: %d of %d bytes back, sha256 differs", n, size)
-	}
-	c.Close()
-	rep, err := h.src.Finish(ctx, info.ID, 10*time.Second)
-	if err != nil {
-		return fmt.Errorf("finish: %w", err)
-	}
-	if len(rep.Mismatch) > 0 || rep.Aborted != 0 {
-		return fmt.Errorf("finish: mismatches %q, %d streams aborted", rep.Mismatch, rep.Aborted)
-	}
-	ch := rep.Session.Channels[0]
-	if ch.Streams != 1 || ch.BytesForward != int64(size) || ch.BytesReturn != int64(size) {
-		return fmt.Errorf("finish: %d streams, %d bytes forward, %d back; want 1, %d, %d",
-			ch.Streams, ch.BytesForward, ch.BytesReturn, size, size)
 	}
 	return nil
 }

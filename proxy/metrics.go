@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/migtun/migtun/control"
 	"github.com/migtun/migtun/tunnel"
 )
 
@@ -27,6 +28,7 @@ type metrics struct {
 	sessionsTotal *prometheus.CounterVec   // result
 	handshakes    *prometheus.HistogramVec // transport
 	peerConns     *prometheus.CounterVec   // transport, direction
+	controlBusy   *prometheus.CounterVec   // scope
 
 	// bytes of ended streams, by channel: forward and return.
 	mu        sync.Mutex
@@ -57,9 +59,13 @@ func newMetrics(s *Server) *metrics {
 			Namespace: metricsNamespace, Name: "peer_connections_total",
 			Help: "Authenticated connections with peers, by transport and direction (in: accepted, out: dialed).",
 		}, []string{"transport", "direction"}),
+		controlBusy: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: metricsNamespace, Name: "control_requests_refused_total",
+			Help: "Peers' control requests refused because too many were in flight, by scope (peer: the peer's own bound; all: the host's).",
+		}, []string{"scope"}),
 		doneBytes: make(map[string]*[2]atomic.Int64),
 	}
-	m.reg.MustRegister(m.streams, m.refusedTotal, m.sessionsTotal, m.handshakes, m.peerConns,
+	m.reg.MustRegister(m.streams, m.refusedTotal, m.sessionsTotal, m.handshakes, m.peerConns, m.controlBusy,
 		&stateCollector{s: s}, collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{Namespace: metricsNamespace}))
 	return m
@@ -94,7 +100,7 @@ func (m *metrics) streamEnded(r *activeRelay, err error) {
 	b[1].Add(ret)
 }
 
-func (m *metrics) sessionEnded(st State) { m.sessionsTotal.WithLabelValues(string(st)).Inc() }
+func (m *metrics) sessionEnded(st control.State) { m.sessionsTotal.WithLabelValues(string(st)).Inc() }
 
 // handler serves the exposition.
 func (m *metrics) handler() http.Handler {
@@ -127,6 +133,10 @@ var (
 		"Bytes of a disk the mirror has to copy, by session and disk node.", []string{"session", "disk"}, nil)
 	descCertExpiry = prometheus.NewDesc(metricsNamespace+"_certificate_expiry_timestamp_seconds",
 		"When the certificate this host presents expires, as Unix time.", nil, nil)
+	descConnecting = prometheus.NewDesc(metricsNamespace+"_streams_connecting",
+		"Incoming streams not yet connected to their route: waiting for the earlier streams of their session's channel, or for the local connect.", nil, nil)
+	descControlInFlight = prometheus.NewDesc(metricsNamespace+"_control_requests_in_flight",
+		"Peers' control requests being served now.", nil, nil)
 	descCertReloadFailed = prometheus.NewDesc(metricsNamespace+"_certificate_reload_failed",
 		"1 while the certificate and key files in place are not the ones presented (a file is missing or unreadable, or a replaced pair could not be used; the previous pair is still presented), else 0.", nil, nil)
 )
@@ -136,7 +146,7 @@ var (
 type stateCollector struct{ s *Server }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descBytes, descActive, descSessions, descSessionBytes, descSessionRate,
+	for _, d := range []*prometheus.Desc{descBytes, descActive, descSessions, descControlInFlight, descConnecting, descSessionBytes, descSessionRate,
 		descRAMRemaining, descRAMTransferred, descDirtyRate, descMirrorDone, descMirrorTotal,
 		descCertExpiry, descCertReloadFailed} {
 		ch <- d
@@ -184,6 +194,8 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descCertExpiry, prometheus.GaugeValue, float64(leaf.NotAfter.Unix()))
 		}
 	}
+	ch <- prometheus.MustNewConstMetric(descControlInFlight, prometheus.GaugeValue, float64(s.inflight.count()))
+	ch <- prometheus.MustNewConstMetric(descConnecting, prometheus.GaugeValue, float64(s.connecting.Load()))
 	open := s.sessions.all()
 	ch <- prometheus.MustNewConstMetric(descSessions, prometheus.GaugeValue, float64(len(open)))
 	for _, sess := range open {

@@ -16,6 +16,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/migtun/migtun/control"
+	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/internal/leaktest"
 	"github.com/migtun/migtun/internal/testpki"
 	"github.com/migtun/migtun/tunnel"
@@ -55,7 +57,7 @@ func metricsPair(t *testing.T) (src, dst *Server, fwd string) {
 		return &tunnel.Config{ServerTLS: h.Server, ClientTLS: h.Client}
 	}
 	dst, err = New(Config{Listen: "127.0.0.1:0", Tunnel: tcfg("dst"), SocketDir: filepath.Join(dir, "d"),
-		Routes: []Route{{Channel: "main", Target: Endpoint{Network: "unix", Address: sink}}}})
+		Routes: []Route{{Channel: "main", Target: endpoint.Endpoint{Network: "unix", Address: sink}}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -65,7 +67,7 @@ func metricsPair(t *testing.T) (src, dst *Server, fwd string) {
 	t.Cleanup(func() { dst.Close() })
 	fwd = filepath.Join(dir, "fwd.sock")
 	src, err = New(Config{Listen: "127.0.0.1:0", Tunnel: tcfg("src"), SocketDir: filepath.Join(dir, "s"),
-		Forwards: []Forward{{Listen: Endpoint{Network: "unix", Address: fwd}, Peer: dst.Addr().String(), Channel: "main"}}})
+		Forwards: []Forward{{Listen: endpoint.Endpoint{Network: "unix", Address: fwd}, Peer: dst.Addr().String(), Channel: "main"}}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -159,7 +161,7 @@ func TestMetricsGolden(t *testing.T) {
 func TestMetricsSessionSeries(t *testing.T) {
 	leaktest.Check(t)
 	src, dst, _ := metricsPair(t)
-	info, err := src.Prepare(context.Background(), PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main"}})
+	info, err := src.Prepare(context.Background(), control.PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main"}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,13 +8,14 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/migtun/migtun/control"
+	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/tunnel"
 )
 
@@ -32,14 +33,25 @@ type Config struct {
 	Forwards []Forward
 	// DialTimeout bounds connecting to a route's local endpoint; default 5s.
 	DialTimeout time.Duration
-	// SocketDir holds the UNIX sockets of sessions' local listeners;
-	// default $TMPDIR/migtun.
+	// SocketDir holds the UNIX sockets of sessions: the source's
+	// listeners, the destination's CHANNEL=session routes. It is created
+	// 0700; an existing one must be a directory (not a symlink) owned by
+	// this process's user and writable by no one else. Default:
+	// DefaultSocketDir().
 	SocketDir string
 	// SessionTTL is how long a prepared session waits for its first stream
 	// before it expires; default 2 minutes.
 	SessionTTL time.Duration
 	// MaxSessions bounds the sessions open at once; default 64.
 	MaxSessions int
+	// MaxPeerSessions bounds the destination sessions one peer may hold
+	// open at once, its share of MaxSessions; default MaxSessions.
+	MaxPeerSessions int
+	// MaxControlRequests bounds the peers' control requests served at
+	// once, and MaxPeerControlRequests those of one peer; defaults 256
+	// and 32. Past a bound a request is refused at once (reason limit).
+	MaxControlRequests     int
+	MaxPeerControlRequests int
 	// MaxSessionStreams bounds the streams one session may open over its
 	// life (multifd opens 1 + channels on main); default 512.
 	MaxSessionStreams int
@@ -48,9 +60,9 @@ type Config struct {
 	FinishGrace time.Duration
 	// Logger receives the server's logs; nil discards.
 	Logger *slog.Logger
-	// VMs drives the VMs this host registered (serve --qmp), for peers'
-	// vm-prepare, vm-finish, vm-recover and vm-abort requests; nil: none.
-	VMs VMController
+	// VMs serves the peers' VM operations on this host's registered VMs
+	// (serve --qmp); nil: none.
+	VMs VMHandler
 	// Certificate, when set, returns the certificate this host presents
 	// and what keeps the certificate files in place from being presented
 	// (nil if nothing), for the metrics: its expiry, and whether a reload
@@ -77,15 +89,17 @@ type Server struct {
 	dialer *tunnel.Dialer
 
 	routesMu sync.RWMutex
-	routes   map[string]Endpoint
+	routes   map[string]endpoint.Endpoint
 
-	sessions sessions
-	timers   sync.WaitGroup // pending session expiry timers
-	metrics  *metrics
+	sessions  sessions
+	inflight  inflight // peers' control requests being served
+	warnLimit rateLimit
+	metrics   *metrics
 
-	port     *tunnel.Listener
-	forwards []*forwarder
-	order    ordering
+	port       *tunnel.Listener
+	forwards   []*forwarder
+	order      ordering
+	connecting atomic.Int64 // incoming streams waiting for their turn or their local connect
 
 	ctx    context.Context // cancelled when the server stops accepting
 	cancel context.CancelFunc
@@ -94,7 +108,7 @@ type Server struct {
 	relays map[*activeRelay]struct{}
 	idle   *sync.Cond // signalled when relays shrinks
 
-	wg        sync.WaitGroup // accept loops and relays
+	wg        sync.WaitGroup // every goroutine the server starts
 	closeOnce sync.Once
 }
 
@@ -105,7 +119,7 @@ type activeRelay struct {
 	counts Counts
 	// channel and role say what the relay carries, seen from this host.
 	channel string
-	role    Role
+	role    control.Role
 	// sess and ch are set for the streams of a migration session.
 	sess *session
 	ch   *sessionChannel
@@ -119,8 +133,8 @@ func (r *activeRelay) abort() {
 
 // directions returns the bytes moved from source to destination and back,
 // seen from a host of the given role.
-func (r *activeRelay) directions(role Role) (forward, ret int64) {
-	if role == RoleSource {
+func (r *activeRelay) directions(role control.Role) (forward, ret int64) {
+	if role == control.RoleSource {
 		return r.counts.Up.Load(), r.counts.Down.Load()
 	}
 	return r.counts.Down.Load(), r.counts.Up.Load()
@@ -138,7 +152,11 @@ func New(cfg Config) (*Server, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	if cfg.SocketDir == "" {
-		cfg.SocketDir = filepath.Join(os.TempDir(), "migtun")
+		dir, err := DefaultSocketDir()
+		if err != nil {
+			return nil, err
+		}
+		cfg.SocketDir = dir
 	}
 	if cfg.SessionTTL <= 0 {
 		cfg.SessionTTL = DefaultSessionTTL
@@ -152,7 +170,16 @@ func New(cfg Config) (*Server, error) {
 	if cfg.FinishGrace <= 0 {
 		cfg.FinishGrace = DefaultFinishGrace
 	}
-	routes := make(map[string]Endpoint)
+	if cfg.MaxPeerSessions <= 0 || cfg.MaxPeerSessions > cfg.MaxSessions {
+		cfg.MaxPeerSessions = cfg.MaxSessions
+	}
+	if cfg.MaxControlRequests <= 0 {
+		cfg.MaxControlRequests = DefaultMaxControlRequests
+	}
+	if cfg.MaxPeerControlRequests <= 0 {
+		cfg.MaxPeerControlRequests = DefaultMaxPeerControlRequests
+	}
+	routes := make(map[string]endpoint.Endpoint)
 	for _, r := range cfg.Routes {
 		if _, dup := routes[r.Channel]; dup {
 			return nil, fmt.Errorf("proxy: two routes for channel %q", r.Channel)
@@ -198,6 +225,9 @@ func New(cfg Config) (*Server, error) {
 // Start opens the tunnel port and every forward's listener. When it returns
 // without error the server is ready; on error nothing is left open.
 func (s *Server) Start() error {
+	if err := s.ensureSocketDir(); err != nil {
+		return err
+	}
 	if s.cfg.Listen != "" {
 		ln, err := tunnel.Listen(s.cfg.Listen, s.cfg.Tunnel)
 		if err != nil {
@@ -207,7 +237,7 @@ func (s *Server) Start() error {
 		s.port = ln
 	}
 	for _, f := range s.cfg.Forwards {
-		ln, err := f.Listen.listen()
+		ln, err := f.Listen.Listen()
 		if err != nil {
 			s.Close()
 			return err
@@ -215,14 +245,11 @@ func (s *Server) Start() error {
 		s.forwards = append(s.forwards, &forwarder{Forward: f, ln: ln, srv: s})
 	}
 	if s.port != nil {
-		s.wg.Add(1)
-		go s.acceptStreams()
+		s.wg.Go(s.acceptStreams)
 	}
-	s.wg.Add(1)
-	go s.sampleLoop()
+	s.wg.Go(s.sampleLoop)
 	for _, f := range s.forwards {
-		s.wg.Add(1)
-		go f.acceptLoop()
+		s.wg.Go(f.acceptLoop)
 	}
 	return nil
 }
@@ -240,9 +267,10 @@ func (s *Server) Addr() net.Addr {
 }
 
 // Shutdown stops accepting new streams and connections, waits until the
-// relays in flight finish or ctx is done, then aborts what is left and
-// releases everything (socket files included). It returns ctx's error if
-// relays had to be aborted.
+// relays in flight finish or ctx is done, then aborts what is left, ends
+// every session (telling peers concurrently, each notice bounded by
+// peerNoticeTimeout) and releases everything, socket files included. It
+// returns ctx's error if relays had to be aborted.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.stopAccepting()
 	done := make(chan struct{})
@@ -262,8 +290,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.abortRelays()
 		<-done
 	}
-	// Sessions hold listeners whose accept loops the wait group counts.
-	s.endAllSessions()
+	s.endAllSessions(context.WithoutCancel(ctx))
 	s.wg.Wait()
 	s.dialer.Close()
 	return err
@@ -272,19 +299,10 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // Close aborts every relay at once and releases everything.
 func (s *Server) Close() error {
 	s.stopAccepting()
-	s.endAllSessions()
 	s.abortRelays()
+	s.endAllSessions(context.Background())
 	s.wg.Wait()
 	return s.dialer.Close()
-}
-
-// endAllSessions aborts every open session, telling peers, and waits for
-// pending expiry timers.
-func (s *Server) endAllSessions() {
-	for _, sess := range s.sessions.all() {
-		s.abortSession(sess, "migtun is stopping", true)
-	}
-	s.timers.Wait()
 }
 
 func (s *Server) stopAccepting() {
@@ -322,7 +340,6 @@ func (s *Server) track(r *activeRelay) error {
 		}
 	}
 	s.relays[r] = struct{}{}
-	s.wg.Add(1)
 	return nil
 }
 
@@ -334,7 +351,11 @@ func (s *Server) untrack(r *activeRelay) {
 	delete(s.relays, r)
 	s.idle.Broadcast()
 	s.mu.Unlock()
-	s.wg.Done()
+}
+
+// startRelay runs r on a goroutine of the server's.
+func (s *Server) startRelay(r *activeRelay, log *slog.Logger) {
+	s.wg.Go(func() { s.runRelay(r, log) })
 }
 
 // runRelay relays r and logs how it ended.
@@ -354,60 +375,72 @@ func (s *Server) runRelay(r *activeRelay, log *slog.Logger) {
 	log.Info("stream done", attrs...)
 }
 
-// acceptStreams takes incoming streams from the tunnel port.
+// acceptStreams takes incoming streams from the tunnel port. Control
+// streams are served concurrently (see startControl). Data streams of one
+// (session, channel) connect to their route one after another, in the
+// order they arrived, which is what QEMU needs of multifd; nothing else
+// waits for them.
 func (s *Server) acceptStreams() {
-	defer s.wg.Done()
 	for {
 		in, err := s.port.Accept(s.ctx)
 		if err != nil {
 			return
 		}
-		// The streams of one channel connect to its route one after another
-		// in the order they arrived; other channels do not wait for them.
-		prev, done := s.order.next(in.Header.Channel)
-		s.wg.Add(1)
-		go s.deliverInOrder(in, prev, done)
+		if in.Header.Kind == tunnel.KindControl {
+			s.startControl(in)
+			continue
+		}
+		key := orderKey{session: in.Header.Session, channel: in.Header.Channel}
+		prev, done := s.order.next(key)
+		s.connecting.Add(1)
+		s.wg.Go(func() {
+			defer s.connecting.Add(-1)
+			defer s.order.finish(key, done)
+			<-prev
+			s.deliver(in)
+		})
 	}
 }
 
-func (s *Server) deliverInOrder(in *tunnel.Incoming, prev <-chan struct{}, done chan struct{}) {
-	defer s.wg.Done()
-	defer s.order.finish(in.Header.Channel, done)
-	<-prev
-	s.deliver(in)
+// orderKey names the streams whose deliveries are ordered among
+// themselves: one channel of one session (the zero session for streams
+// outside sessions).
+type orderKey struct {
+	session tunnel.SessionID
+	channel string
 }
 
-// ordering chains the deliveries of each channel.
+// ordering chains the deliveries of each (session, channel).
 type ordering struct {
 	mu   sync.Mutex
-	tail map[string]chan struct{}
+	tail map[orderKey]chan struct{}
 }
 
 var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
 
 // next returns the channel to wait on before delivering, and the one to
 // close after.
-func (o *ordering) next(channel string) (prev <-chan struct{}, done chan struct{}) {
+func (o *ordering) next(key orderKey) (prev <-chan struct{}, done chan struct{}) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	if o.tail == nil {
-		o.tail = make(map[string]chan struct{})
+		o.tail = make(map[orderKey]chan struct{})
 	}
-	prev = o.tail[channel]
+	prev = o.tail[key]
 	if prev == nil {
 		prev = closedChan
 	}
 	done = make(chan struct{})
-	o.tail[channel] = done
+	o.tail[key] = done
 	return prev, done
 }
 
-func (o *ordering) finish(channel string, done chan struct{}) {
+func (o *ordering) finish(key orderKey, done chan struct{}) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	close(done)
-	if o.tail[channel] == done {
-		delete(o.tail, channel)
+	if o.tail[key] == done {
+		delete(o.tail, key)
 	}
 }
 
@@ -420,24 +453,19 @@ func (s *Server) deliver(in *tunnel.Incoming) {
 	refuse := func(err *tunnel.RefusedError) {
 		in.Refuse(err)
 		s.metrics.refused(err.Reason)
-		log.Warn("stream refused", slog.String("reason", err.Reason.String()), slog.String("err", err.Detail))
+		s.warn("stream refused", "channel", h.Channel, "peer", in.Peer, "reason", err.Reason.String(), "err", err.Detail)
 	}
-	switch h.Kind {
-	case tunnel.KindControl:
-		s.serveControl(in)
-		return
-	case tunnel.KindData:
-	default:
+	if h.Kind != tunnel.KindData {
 		refuse(&tunnel.RefusedError{Reason: tunnel.ReasonUnknownKind, Detail: h.Kind.String() + " streams are not served here"})
 		return
 	}
-	r := &activeRelay{channel: h.Channel, role: RoleDestination}
-	var target Endpoint
+	r := &activeRelay{channel: h.Channel, role: control.RoleDestination}
+	var target endpoint.Endpoint
 	if h.Session != (tunnel.SessionID{}) {
 		sess := s.sessions.get(h.Session)
 		// The same answer for every failure, so a peer learns nothing about
 		// sessions it does not hold the token of.
-		if sess == nil || sess.role != RoleDestination || !sess.checkToken(h.Token) || sess.peer != in.Peer {
+		if sess == nil || sess.role != control.RoleDestination || !sess.checkToken(h.Token) || sess.peer != in.Peer {
 			refuse(&tunnel.RefusedError{Reason: tunnel.ReasonUnknownSession, Detail: "unknown session or wrong token"})
 			return
 		}
@@ -463,9 +491,16 @@ func (s *Server) deliver(in *tunnel.Incoming) {
 			return
 		}
 	}
-	local, err := target.dial(s.ctx, s.cfg.DialTimeout)
+	ctx, cancel := s.ctx, context.CancelFunc(func() {})
+	if r.sess != nil {
+		ctx, cancel = r.sess.within(s.ctx)
+	}
+	local, err := target.Dial(ctx, s.cfg.DialTimeout)
+	cancel()
 	if err != nil {
-		refuse(&tunnel.RefusedError{Reason: tunnel.ReasonDialFailed, Detail: fmt.Sprintf("channel %q: %v", h.Channel, err)})
+		// The peer learns that the local connect failed, not where to.
+		log.Warn("route target unreachable", slog.String("target", targetString(target)), slog.String("err", err.Error()))
+		refuse(&tunnel.RefusedError{Reason: tunnel.ReasonDialFailed, Detail: fmt.Sprintf("channel %q: the destination could not connect its local endpoint", h.Channel)})
 		return
 	}
 	stream, err := in.Accept()
@@ -481,12 +516,12 @@ func (s *Server) deliver(in *tunnel.Incoming) {
 		log.Warn("stream aborted", slog.String("err", err.Error()))
 		return
 	}
-	log.Info("stream accepted", slog.String("target", target.String()))
-	go s.runRelay(r, log)
+	log.Info("stream accepted", slog.String("target", targetString(target)))
+	s.startRelay(r, log)
 }
 
 // route returns the local endpoint of a channel's static or registered route.
-func (s *Server) route(channel string) (Endpoint, bool) {
+func (s *Server) route(channel string) (endpoint.Endpoint, bool) {
 	s.routesMu.RLock()
 	defer s.routesMu.RUnlock()
 	ep, ok := s.routes[channel]

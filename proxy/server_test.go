@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/internal/leaktest"
 	"github.com/migtun/migtun/internal/testlog"
 	"github.com/migtun/migtun/internal/testpki"
@@ -75,7 +76,9 @@ func sockDir(t *testing.T) string {
 	return dir
 }
 
-func unixEndpoint(path string) proxy.Endpoint { return proxy.Endpoint{Network: "unix", Address: path} }
+func unixEndpoint(path string) endpoint.Endpoint {
+	return endpoint.Endpoint{Network: "unix", Address: path}
+}
 
 // serveUnix serves path with handle, called with each connection's accept
 // order. The cleanup closes the listener and the connections and waits for
@@ -277,15 +280,21 @@ func testNoRoute(t *testing.T, tr tunnel.Transport) {
 	b.dstLog.line(t, `msg="stream refused"`, "channel=nbd", "reason=no_route")
 }
 
-// testDialFailed routes a channel to a UNIX socket that does not exist.
+// testDialFailed routes a channel to a UNIX socket that does not exist:
+// the source learns the local connect failed, never the path; the
+// destination's own log names it.
 func testDialFailed(t *testing.T, tr tunnel.Transport) {
 	missing := filepath.Join(sockDir(t), "missing.sock")
 	b := newTestbed(t, tr, []proxy.Route{{Channel: "main", Target: unixEndpoint(missing)}}, "main")
 	readsEnd(t, dialForward(t, b.fwd["main"]))
 	b.src.Close()
-	b.srcLog.line(t, `msg="stream not opened"`, "channel=main", "dial_failed", "missing.sock")
+	b.srcLog.line(t, `msg="stream not opened"`, "channel=main", "dial_failed")
+	if strings.Contains(b.srcLog.String(), "missing.sock") {
+		t.Errorf("the peer's refusal names the destination's local path:\n%s", b.srcLog.String())
+	}
 	b.dst.Close()
 	b.dstLog.line(t, `msg="stream refused"`, "reason=dial_failed")
+	b.dstLog.line(t, `msg="route target unreachable"`, "missing.sock")
 }
 
 // testShutdown stops the source while an idle relay is open: Shutdown

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/subtle"
 	"encoding/hex"
@@ -10,134 +11,59 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/migtun/migtun/control"
+	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/tunnel"
 )
 
-// State is where a migration session is in its life.
-type State string
-
-// Session states. A session starts prepared, becomes active with its first
-// stream, and ends finished, aborted or expired.
-const (
-	StatePrepared  State = "prepared"
-	StateActive    State = "active"
-	StateFinishing State = "finishing"
-	StateFinished  State = "finished"
-	StateAborted   State = "aborted"
-	StateExpired   State = "expired"
-)
-
-func (s State) ended() bool {
-	return s == StateFinished || s == StateAborted || s == StateExpired
-}
-
-// Role says which end of a migration this host is for a session.
-type Role string
-
-// Roles.
-const (
-	RoleSource      Role = "source"
-	RoleDestination Role = "destination"
-)
-
-// MigrationProgress is what "migtun migrate" reports of the migration a
-// session carries, for the metrics of the source host.
-type MigrationProgress struct {
-	// RAMTransferred and RAMRemaining are QEMU's RAM counts in bytes.
-	RAMTransferred int64 `json:"ram_transferred"`
-	RAMRemaining   int64 `json:"ram_remaining"`
-	// DirtyPagesRate is QEMU's dirty-page rate, pages per second.
-	DirtyPagesRate int64 `json:"dirty_pages_rate"`
-	// Disks is the progress of each disk's mirror.
-	Disks []DiskMirror `json:"disks,omitempty"`
-}
-
-// DiskMirror is the progress of one disk's mirror, in bytes.
-type DiskMirror struct {
-	Node  string `json:"node"`
-	Done  int64  `json:"done"`
-	Total int64  `json:"total"`
-}
-
-// SessionInfo describes a session, as the control endpoint shows it.
-type SessionInfo struct {
-	ID      string    `json:"id"`
-	Role    Role      `json:"role"`
-	Peer    string    `json:"peer"`
-	State   State     `json:"state"`
-	Created time.Time `json:"created"`
-	// Expires is when a session that has seen no stream expires.
-	Expires  *time.Time    `json:"expires,omitempty"`
-	Error    string        `json:"error,omitempty"`
-	Channels []ChannelInfo `json:"channels"`
-}
-
-// ChannelInfo describes one channel of a session. Forward bytes go from
-// the source to the destination, return bytes the other way; both hosts
-// count them the same way, so their figures can be compared.
-type ChannelInfo struct {
-	Name string `json:"name"`
-	// URI is what QEMU is given on the source ("unix:/path" or
-	// "tcp:127.0.0.1:port"); LibvirtURI the same for libvirt's
-	// --migrateuri/--disks-uri, or its --desturi for the libvirt channel.
-	URI           string  `json:"uri,omitempty"`
-	LibvirtURI    string  `json:"libvirt_uri,omitempty"`
-	Streams       int64   `json:"streams"`
-	ActiveStreams int64   `json:"active_streams"`
-	BytesForward  int64   `json:"bytes_forward"`
-	BytesReturn   int64   `json:"bytes_return"`
-	RateForward   float64 `json:"rate_forward"` // bytes/s over the last second
-	RateReturn    float64 `json:"rate_return"`
-}
-
-// session is one migration session on this host.
+// session is one migration session on this host. It owns its life: its
+// state machine (prepared → active → finishing → finished, or aborted or
+// expired from any open state), its streams, its listeners (on the source)
+// and its expiry, which watchExpiry runs. The server only creates it,
+// registers it, and releases it once end has returned.
+//
+//	prepared ──first stream──▶ active ──finish──▶ finishing ──▶ finished
+//	    │                       │  ▲                  │
+//	    │ TTL without a stream  │  │ a stream again   │ peer failed
+//	    ▼                       ▼  │                  ▼
+//	 expired ◀──TTL, no stream── (idle)            aborted ◀── abort, shutdown
 type session struct {
 	id      tunnel.SessionID
 	token   tunnel.Token
-	role    Role
+	role    control.Role
 	peer    string // source: the peer's address; destination: its certificate name
 	created time.Time
-	expires time.Time
+	ttl     time.Duration // how long the session may be without streams
 	order   []*sessionChannel
 	byName  map[string]*sessionChannel
 	// maxStreams bounds the streams the session may open.
 	maxStreams int
 
+	// idle is signalled (without blocking) when the session may have
+	// become idle: prepared, or active without streams. done is closed when
+	// the session ends.
+	idle chan struct{}
+	done chan struct{}
+	// ctx is cancelled when the session ends: what is being opened or
+	// connected for it gives up.
+	ctx    context.Context
+	cancel context.CancelFunc
+
 	mu       sync.Mutex
 	streams  int // opened so far
-	state    State
+	state    control.State
 	err      string
+	expires  time.Time // when an idle session expires; zero while it has streams
 	relays   map[*activeRelay]struct{}
-	wg       sync.WaitGroup     // relays of the session
-	progress *MigrationProgress // reported by migtun migrate on the source
-	timer    *time.Timer        // expiry while without streams
-	timerWG  *sync.WaitGroup    // the server's count of pending expiry timers
-	idle     time.Duration      // how long the session may be without streams
-	expire   func()             // what the timer does
-}
-
-// armTimer starts the expiry timer; called with s.mu held.
-func (s *session) armTimer(d time.Duration) {
-	s.timerWG.Add(1)
-	s.timer = time.AfterFunc(d, func() {
-		defer s.timerWG.Done()
-		s.expire()
-	})
-}
-
-// stopTimer cancels the expiry timer; called with s.mu held.
-func (s *session) stopTimer() {
-	if s.timer != nil && s.timer.Stop() {
-		s.timerWG.Done()
-	}
-	s.timer = nil
+	wg       sync.WaitGroup             // relays of the session
+	progress *control.MigrationProgress // reported by migtun migrate on the source
 }
 
 // sessionChannel is one channel of a session.
 type sessionChannel struct {
 	name   string
-	target Endpoint   // destination: where streams go
-	fwd    *forwarder // source: the local listener
+	target endpoint.Endpoint // destination: where streams go
+	fwd    *forwarder        // source: the local listener
 	uri    string
 	lvURI  string
 
@@ -147,9 +73,12 @@ type sessionChannel struct {
 	rateForward, rateReturn atomic.Uint64
 }
 
-func newSession(role Role, peer string, ttl time.Duration, maxStreams int) (*session, error) {
-	s := &session{role: role, peer: peer, created: time.Now(), state: StatePrepared, maxStreams: maxStreams,
-		byName: make(map[string]*sessionChannel), relays: make(map[*activeRelay]struct{})}
+// newSession returns a prepared session with a fresh ID and token.
+func newSession(role control.Role, peer string, ttl time.Duration, maxStreams int) (*session, error) {
+	s := &session{role: role, peer: peer, created: time.Now(), ttl: ttl, state: control.StatePrepared, maxStreams: maxStreams,
+		byName: make(map[string]*sessionChannel), relays: make(map[*activeRelay]struct{}),
+		idle: make(chan struct{}, 1), done: make(chan struct{})}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.expires = s.created.Add(ttl)
 	if _, err := rand.Read(s.id[:]); err != nil {
 		return nil, err
@@ -162,14 +91,56 @@ func newSession(role Role, peer string, ttl time.Duration, maxStreams int) (*ses
 
 func (s *session) idString() string { return hex.EncodeToString(s.id[:]) }
 
+func (s *session) tokenString() string { return hex.EncodeToString(s.token[:]) }
+
 func (s *session) addChannel(c *sessionChannel) {
 	s.order = append(s.order, c)
 	s.byName[c.name] = c
 }
 
+// within returns a context that ends when parent or the session does,
+// and its cancel.
+func (s *session) within(parent context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(parent)
+	stop := context.AfterFunc(s.ctx, cancel)
+	return ctx, func() { stop(); cancel() }
+}
+
 // checkToken compares t with the session's token in constant time.
 func (s *session) checkToken(t tunnel.Token) bool {
 	return subtle.ConstantTimeCompare(t[:], s.token[:]) == 1
+}
+
+// watchExpiry ends the session through expire once it has been idle —
+// prepared without a stream, or active with every stream ended and no
+// finish — for its TTL. It returns when the session ends. The server runs
+// it, one goroutine per session, and waits for it.
+func (s *session) watchExpiry(expire func(reason string)) {
+	t := time.NewTimer(s.ttl)
+	defer t.Stop()
+	for {
+		s.mu.Lock()
+		deadline := s.expires
+		s.mu.Unlock()
+		if !deadline.IsZero() {
+			t.Reset(time.Until(deadline))
+		} else {
+			t.Stop()
+		}
+		select {
+		case <-s.done:
+			return
+		case <-s.idle:
+		case <-t.C:
+			s.mu.Lock()
+			due := !s.expires.IsZero() && !time.Now().Before(s.expires)
+			s.mu.Unlock()
+			if due {
+				expire(fmt.Sprintf("no stream for %v", s.ttl))
+				return
+			}
+		}
+	}
 }
 
 // reserveStream counts a new stream of the session before anything is
@@ -178,7 +149,7 @@ func (s *session) checkToken(t tunnel.Token) bool {
 func (s *session) reserveStream() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.state != StatePrepared && s.state != StateActive {
+	if s.state != control.StatePrepared && s.state != control.StateActive {
 		return &tunnel.RefusedError{Reason: tunnel.ReasonUnknownSession, Detail: "the session is " + string(s.state)}
 	}
 	if s.streams >= s.maxStreams {
@@ -193,14 +164,11 @@ func (s *session) reserveStream() error {
 func (s *session) addRelay(r *activeRelay) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.state != StatePrepared && s.state != StateActive {
+	if s.state != control.StatePrepared && s.state != control.StateActive {
 		return &tunnel.RefusedError{Reason: tunnel.ReasonUnknownSession, Detail: "session is " + string(s.state)}
 	}
-
-	if s.state == StatePrepared {
-		s.state = StateActive
-	}
-	s.stopTimer()
+	s.state = control.StateActive
+	s.expires = time.Time{}
 	s.relays[r] = struct{}{}
 	s.wg.Add(1)
 	r.ch.streams.Add(1)
@@ -218,32 +186,64 @@ func (s *session) removeRelay(r *activeRelay) {
 	r.ch.doneReturn.Add(ret)
 	r.ch.active.Add(-1)
 	delete(s.relays, r)
-	if s.state == StateActive && len(s.relays) == 0 && s.expire != nil && s.timer == nil {
+	if s.state == control.StateActive && len(s.relays) == 0 {
 		// The last stream ended without a finish: expire unless another
 		// comes (or a finish) within the TTL.
-		s.expires = time.Now().Add(s.idle)
-		s.armTimer(s.idle)
+		s.expires = time.Now().Add(s.ttl)
+		s.poke()
 	}
 	s.mu.Unlock()
 	s.wg.Done()
 }
 
+// poke tells watchExpiry that the expiry changed.
+func (s *session) poke() {
+	select {
+	case s.idle <- struct{}{}:
+	default:
+	}
+}
+
 // setState moves the session to st unless it has already ended; it
-// reports whether it did.
-func (s *session) setState(st State, err string) bool {
+// reports whether it did. A final state closes done.
+func (s *session) setState(st control.State, err string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.state.ended() {
+	if s.state.Ended() {
 		return false
 	}
 	s.state = st
 	if err != "" && s.err == "" {
 		s.err = err
 	}
-	if st != StatePrepared {
-		s.stopTimer()
+	s.expires = time.Time{}
+	if st.Ended() {
+		close(s.done)
+		s.cancel()
 	}
 	return true
+}
+
+// end moves the session to its final state st, closes its listeners
+// (removing their socket files), aborts its streams and waits for them. It
+// reports false if the session had ended already.
+func (s *session) end(st control.State, reason string) bool {
+	if !s.setState(st, reason) {
+		return false
+	}
+	s.closeListeners()
+	s.abortRelays()
+	s.wg.Wait()
+	return true
+}
+
+// closeListeners closes the source's local listeners of the session.
+func (s *session) closeListeners() {
+	for _, c := range s.order {
+		if c.fwd != nil {
+			c.fwd.ln.Close() // removes the socket file
+		}
+	}
 }
 
 // abortRelays aborts every stream of the session at once.
@@ -259,11 +259,13 @@ func (s *session) abortRelays() {
 // then aborts the rest and waits for them. It returns how many it aborted.
 func (s *session) drain(grace time.Duration) int {
 	done := make(chan struct{})
-	go func() { s.wg.Wait(); close(done) }() // ends when the relays do
+	go func() { s.wg.Wait(); close(done) }() // ends when the relays do, below at the latest
+	t := time.NewTimer(grace)
+	defer t.Stop()
 	select {
 	case <-done:
 		return 0
-	case <-time.After(grace):
+	case <-t.C:
 	}
 	s.mu.Lock()
 	n := len(s.relays)
@@ -274,13 +276,10 @@ func (s *session) drain(grace time.Duration) int {
 }
 
 // info returns the session's description.
-func (s *session) info() SessionInfo {
+func (s *session) info() control.SessionInfo {
 	s.mu.Lock()
-	st, err := s.state, s.err
-	s.mu.Unlock()
-	in := SessionInfo{ID: s.idString(), Role: s.role, Peer: s.peer, State: st, Created: s.created, Error: err}
-	s.mu.Lock()
-	if s.timer != nil {
+	in := control.SessionInfo{ID: s.idString(), Role: s.role, Peer: s.peer, State: s.state, Created: s.created, Error: s.err}
+	if !s.expires.IsZero() {
 		e := s.expires
 		in.Expires = &e
 	}
@@ -291,7 +290,7 @@ func (s *session) info() SessionInfo {
 	return in
 }
 
-func (s *session) channelInfo(c *sessionChannel) ChannelInfo {
+func (s *session) channelInfo(c *sessionChannel) control.ChannelInfo {
 	s.mu.Lock()
 	fwd, ret := c.doneForward.Load(), c.doneReturn.Load()
 	for r := range s.relays {
@@ -301,7 +300,7 @@ func (s *session) channelInfo(c *sessionChannel) ChannelInfo {
 		}
 	}
 	s.mu.Unlock()
-	return ChannelInfo{
+	return control.ChannelInfo{
 		Name: c.name, URI: c.uri, LibvirtURI: c.lvURI,
 		Streams: c.streams.Load(), ActiveStreams: c.active.Load(),
 		BytesForward: fwd, BytesReturn: ret,
@@ -322,8 +321,8 @@ func (s *session) sample(dt time.Duration) {
 
 // compare returns a description of each difference between this host's
 // view of the channels and the peer's.
-func compare(local, peer []ChannelInfo) []string {
-	byName := map[string]ChannelInfo{}
+func compare(local, peer []control.ChannelInfo) []string {
+	byName := map[string]control.ChannelInfo{}
 	for _, c := range peer {
 		byName[c.Name] = c
 	}

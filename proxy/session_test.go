@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/migtun/migtun/control"
+	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/internal/leaktest"
 	"github.com/migtun/migtun/internal/testpki"
 	"github.com/migtun/migtun/proxy"
@@ -44,6 +46,18 @@ func newSessHosts(t *testing.T, tr tunnel.Transport, ttl time.Duration) *sessHos
 // newSessHostsTTL is newSessHosts with a session TTL for each host.
 func newSessHostsTTL(t *testing.T, tr tunnel.Transport, srcTTL, dstTTL time.Duration) *sessHosts {
 	t.Helper()
+	return newSessHostsConfig(t, tr, srcTTL, dstTTL, 0)
+}
+
+// newSessHostsDial is newSessHosts whose destination dials its route
+// targets for up to dial.
+func newSessHostsDial(t *testing.T, tr tunnel.Transport, ttl, dial time.Duration) *sessHosts {
+	t.Helper()
+	return newSessHostsConfig(t, tr, ttl, ttl, dial)
+}
+
+func newSessHostsConfig(t *testing.T, tr tunnel.Transport, srcTTL, dstTTL, dial time.Duration) *sessHosts {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "ps")
 	if err != nil {
 		t.Fatal(err)
@@ -52,8 +66,8 @@ func newSessHostsTTL(t *testing.T, tr tunnel.Transport, srcTTL, dstTTL time.Dura
 	echo := sessEcho(t, filepath.Join(dir, "echo.sock"))
 	ca := testpki.NewCA(t)
 	dst := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "dst"), tr),
-		Routes: []proxy.Route{{Channel: "main", Target: proxy.Endpoint{Network: "unix", Address: echo}}}, SessionTTL: dstTTL,
-		FinishGrace: 2 * time.Second})
+		Routes: []proxy.Route{{Channel: "main", Target: endpoint.Unix(echo)}, {Channel: "nbd", Target: endpoint.Unix(echo)}}, SessionTTL: dstTTL,
+		FinishGrace: 2 * time.Second, DialTimeout: dial})
 	h := &sessHosts{dst: dst, ca: ca, transport: tr, sockDir: filepath.Join(dir, "socks")}
 	src := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "src"), tr),
 		SocketDir: h.sockDir, SessionTTL: srcTTL, FinishGrace: 2 * time.Second})
@@ -87,9 +101,9 @@ func sessEcho(t *testing.T, path string) string {
 	return path
 }
 
-func (h *sessHosts) prepare(t *testing.T, channels ...string) proxy.SessionInfo {
+func (h *sessHosts) prepare(t *testing.T, channels ...string) control.SessionInfo {
 	t.Helper()
-	info, err := h.src.Prepare(context.Background(), proxy.PrepareRequest{Peer: h.dst.Addr().String(), Channels: channels})
+	info, err := h.src.Prepare(context.Background(), control.PrepareRequest{Peer: h.dst.Addr().String(), Channels: channels})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -134,7 +148,7 @@ func TestSessionFinish(t *testing.T) {
 				t.Fatalf("mismatch: %v", rep.Mismatch)
 			}
 			c := rep.Session.Channels[0]
-			if rep.Session.State != proxy.StateFinished || c.Streams != 2 || c.BytesForward != 1<<20+1000 || c.BytesReturn != 1<<20+1000 {
+			if rep.Session.State != control.StateFinished || c.Streams != 2 || c.BytesForward != 1<<20+1000 || c.BytesReturn != 1<<20+1000 {
 				t.Fatalf("report %+v", rep.Session)
 			}
 			if p := rep.Peer[0]; p.Streams != 2 || p.BytesForward != c.BytesForward {
@@ -143,7 +157,7 @@ func TestSessionFinish(t *testing.T) {
 			if _, err := os.Stat(strings.TrimPrefix(c.URI, "unix:")); !os.IsNotExist(err) {
 				t.Fatalf("session socket left behind: %v", err)
 			}
-			if _, err := h.src.Finish(context.Background(), info.ID, time.Second); !errors.Is(err, proxy.ErrNoSession) {
+			if _, err := h.src.Finish(context.Background(), info.ID, time.Second); !errors.Is(err, control.ErrNotFound) {
 				t.Fatalf("second finish: %v", err)
 			}
 		})
@@ -153,7 +167,7 @@ func TestSessionFinish(t *testing.T) {
 func TestSessionUnknownChannel(t *testing.T) {
 	leaktest.Check(t)
 	h := newSessHosts(t, tunnel.TLS, time.Minute)
-	_, err := h.src.Prepare(context.Background(), proxy.PrepareRequest{Peer: h.dst.Addr().String(), Channels: []string{"main", "nbd"}})
+	_, err := h.src.Prepare(context.Background(), control.PrepareRequest{Peer: h.dst.Addr().String(), Channels: []string{"main", "nbd"}})
 	if err == nil || !strings.Contains(err.Error(), `no route for channel "nbd"`) {
 		t.Fatalf("got %v, want a refusal naming channel nbd", err)
 	}
@@ -232,7 +246,7 @@ func TestSessionExpires(t *testing.T) {
 				s, _ := h.src.Session(info.ID)
 				d, _ := h.dst.Session(info.ID)
 				if ended(s.State) && ended(d.State) {
-					if s.State != proxy.StateExpired || d.State != proxy.StateExpired {
+					if s.State != control.StateExpired || d.State != control.StateExpired {
 						t.Fatalf("ended as: source %s (%s), destination %s (%s); want both expired", s.State, s.Error, d.State, d.Error)
 					}
 					if !strings.Contains(d.Error, tc.dstReason) {
@@ -257,8 +271,8 @@ func TestSessionExpires(t *testing.T) {
 	}
 }
 
-func ended(s proxy.State) bool {
-	return s == proxy.StateFinished || s == proxy.StateAborted || s == proxy.StateExpired
+func ended(s control.State) bool {
+	return s == control.StateFinished || s == control.StateAborted || s == control.StateExpired
 }
 
 func TestSessionAbortClosesStreams(t *testing.T) {
@@ -277,7 +291,7 @@ func TestSessionAbortClosesStreams(t *testing.T) {
 			if _, err := io.ReadFull(c, buf); err != nil {
 				t.Fatal(err)
 			}
-			if _, err := h.src.Abort(info.ID, "test"); err != nil {
+			if _, err := h.src.Abort(context.Background(), info.ID, "test"); err != nil {
 				t.Fatal(err)
 			}
 			c.SetReadDeadline(time.Now().Add(5 * time.Second))
@@ -289,7 +303,7 @@ func TestSessionAbortClosesStreams(t *testing.T) {
 			deadline := time.Now().Add(5 * time.Second)
 			for {
 				d, _ := h.dst.Session(info.ID)
-				if d.State == proxy.StateAborted {
+				if d.State == control.StateAborted {
 					break
 				}
 				if time.Now().After(deadline) {
@@ -325,7 +339,7 @@ func TestThousandSessions(t *testing.T) {
 			if err != nil || len(rep.Mismatch) > 0 {
 				t.Fatalf("session %d: finish: %v %v", i, err, rep)
 			}
-		} else if _, err := h.src.Abort(info.ID, "test"); err != nil {
+		} else if _, err := h.src.Abort(context.Background(), info.ID, "test"); err != nil {
 			t.Fatalf("session %d: abort: %v", i, err)
 		}
 	}
@@ -335,7 +349,7 @@ func TestThousandSessions(t *testing.T) {
 		nowFDs, nowGor := openFDs(t), runtime.NumGoroutine()
 		open := 0
 		for _, s := range append(h.src.Sessions(), h.dst.Sessions()...) {
-			if s.State == proxy.StatePrepared || s.State == proxy.StateActive {
+			if s.State == control.StatePrepared || s.State == control.StateActive {
 				open++
 			}
 		}
@@ -379,7 +393,7 @@ func TestSessionSocketRoute(t *testing.T) {
 		Routes: []proxy.Route{{Channel: "main", Target: proxy.SessionSocket}}, SocketDir: dstDir})
 	src := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "src"), tunnel.TLS),
 		SocketDir: filepath.Join(dir, "s")})
-	info, err := src.Prepare(context.Background(), proxy.PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main"}})
+	info, err := src.Prepare(context.Background(), control.PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -431,10 +445,10 @@ func TestSessionStreamLimit(t *testing.T) {
 	defer func() { ln.Close(); <-served }()
 	ca := testpki.NewCA(t)
 	dst := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "dst"), tunnel.TLS),
-		Routes: []proxy.Route{{Channel: "main", Target: proxy.Endpoint{Network: "unix", Address: echo}}}, MaxSessionStreams: 2})
+		Routes: []proxy.Route{{Channel: "main", Target: endpoint.Endpoint{Network: "unix", Address: echo}}}, MaxSessionStreams: 2})
 	src := startServer(t, proxy.Config{Listen: "127.0.0.1:0", Tunnel: sessTunnel(ca.NewHost(t, "src"), tunnel.TLS),
 		SocketDir: filepath.Join(dir, "s")})
-	info, err := src.Prepare(context.Background(), proxy.PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main"}})
+	info, err := src.Prepare(context.Background(), control.PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main"}})
 	if err != nil {
 		t.Fatal(err)
 	}

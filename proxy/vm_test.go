@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -10,50 +11,41 @@ import (
 	"testing"
 	"time"
 
+	"github.com/migtun/migtun/control"
+	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/internal/testpki"
 	"github.com/migtun/migtun/proxy"
 	"github.com/migtun/migtun/tunnel"
 )
 
-// fakeVMs records what the proxy asks of a VM controller.
+// fakeVMs records what the proxy hands a VM handler.
 type fakeVMs struct {
-	mu      sync.Mutex
-	calls   []string
-	in      proxy.VMIncoming
-	recover proxy.Endpoint
-	ended   []string
-	prepErr error
+	mu    sync.Mutex
+	calls []string
+	sess  proxy.VMSession
+	err   error
+	ended []string
+	// block, when set, makes every operation wait for it or its context.
+	block chan struct{}
 }
 
-func (f *fakeVMs) note(s string) { f.mu.Lock(); f.calls = append(f.calls, s); f.mu.Unlock() }
-
-func (f *fakeVMs) PrepareIncoming(_ context.Context, vm string, in proxy.VMIncoming) (*proxy.VMPrepared, error) {
-	f.note("prepare " + vm)
+func (f *fakeVMs) ServeVM(ctx context.Context, op string, sess proxy.VMSession, body json.RawMessage) (any, error) {
 	f.mu.Lock()
-	f.in = in
+	f.calls = append(f.calls, op+" "+string(body))
+	f.sess = sess
+	err, block := f.err, f.block
 	f.mu.Unlock()
-	if f.prepErr != nil {
-		return nil, f.prepErr
+	if block != nil {
+		select {
+		case <-block:
+		case <-ctx.Done():
+			return nil, control.Errorf(control.CodeTimeout, "VM operation: %w", ctx.Err())
+		}
 	}
-	return &proxy.VMPrepared{QEMU: "7.2.0", Capabilities: []string{"multifd"}}, nil
-}
-
-func (f *fakeVMs) FinishIncoming(_ context.Context, vm, session string, resume bool) (*proxy.VMResult, error) {
-	f.note("finish " + vm)
-	return &proxy.VMResult{Status: "running", Resumed: resume}, nil
-}
-
-func (f *fakeVMs) RecoverIncoming(_ context.Context, vm, session string, main proxy.Endpoint) error {
-	f.note("recover " + vm)
-	f.mu.Lock()
-	f.recover = main
-	f.mu.Unlock()
-	return nil
-}
-
-func (f *fakeVMs) AbortIncoming(_ context.Context, vm, session string) error {
-	f.note("abort " + vm)
-	return nil
+	if err != nil {
+		return nil, err
+	}
+	return map[string]string{"op": op}, nil
 }
 
 func (f *fakeVMs) SessionEnded(session string) {
@@ -62,7 +54,7 @@ func (f *fakeVMs) SessionEnded(session string) {
 	f.mu.Unlock()
 }
 
-func vmHosts(t *testing.T, vms proxy.VMController) (src, dst *proxy.Server, dstSocks string) {
+func vmHosts(t *testing.T, vms proxy.VMHandler) (src, dst *proxy.Server, dstSocks string) {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "pv")
 	if err != nil {
@@ -93,99 +85,77 @@ func vmHosts(t *testing.T, vms proxy.VMController) (src, dst *proxy.Server, dstS
 	return src, dst, dstSocks
 }
 
-// TestVMOperations: vm-prepare hands the controller the session's own
-// socket paths on the destination (nothing from the wire), vm-finish and
-// vm-abort reach it, and an ended session is reported.
+// TestVMOperations: a VM operation's body reaches the handler as sent,
+// with the session's own socket paths on the destination (nothing from the
+// wire) and the peer's certificate name; the answer comes back as sent;
+// an ended session is reported.
 func TestVMOperations(t *testing.T) {
 	f := &fakeVMs{}
 	src, dst, dstSocks := vmHosts(t, f)
 	ctx := context.Background()
-	info, err := src.Prepare(ctx, proxy.PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main", "nbd"}})
+	info, err := src.Prepare(ctx, control.PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main", "nbd"}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	prep := &proxy.VMPrepare{Disks: []proxy.VMDisk{{Node: "disk0", Size: 1 << 20}}, Capabilities: map[string]bool{"multifd": true}, MultifdChannels: 4}
-	p, _, err := src.VMCall(ctx, info.ID, "prepare", proxy.VMRequest{VM: "vm1", Prepare: prep})
-	if err != nil || p == nil || p.QEMU != "7.2.0" {
-		t.Fatalf("vm-prepare: %+v %v", p, err)
-	}
-	f.mu.Lock()
-	in := f.in
-	f.mu.Unlock()
-	if in.Session != info.ID || in.MultifdChannels != 4 || len(in.Disks) != 1 || !in.Capabilities["multifd"] {
-		t.Fatalf("controller got %+v", in)
-	}
-	for _, ep := range []proxy.Endpoint{in.Main, in.NBD} {
-		if ep.Network != "unix" || filepath.Dir(ep.Address) != dstSocks || !strings.HasPrefix(filepath.Base(ep.Address), info.ID[:12]) {
-			t.Errorf("endpoint %v: want a socket of the session in %s", ep, dstSocks)
+	for _, op := range []string{"prepare", "finish", "recover", "abort"} {
+		out, err := src.VMCall(ctx, info.ID, op, json.RawMessage(`{"vm":"vm1"}`))
+		if err != nil || string(out) != `{"op":"`+op+`"}` {
+			t.Fatalf("%s: %s %v", op, out, err)
 		}
 	}
-	if _, r, err := src.VMCall(ctx, info.ID, "finish", proxy.VMRequest{VM: "vm1", Resume: true}); err != nil || r == nil || !r.Resumed {
-		t.Fatalf("vm-finish: %+v %v", r, err)
-	}
-	if _, _, err := src.VMCall(ctx, info.ID, "recover", proxy.VMRequest{VM: "vm1"}); err != nil {
-		t.Fatalf("vm-recover: %v", err)
-	}
 	f.mu.Lock()
-	if f.recover != in.Main {
-		t.Errorf("vm-recover listens on %v, want the session's main endpoint %v", f.recover, in.Main)
-	}
+	sess := f.sess
 	f.mu.Unlock()
-	if _, _, err := src.VMCall(ctx, info.ID, "abort", proxy.VMRequest{VM: "vm1", Reason: "test"}); err != nil {
-		t.Fatalf("vm-abort: %v", err)
+	if sess.ID != info.ID || sess.Peer != "src" {
+		t.Errorf("handler saw session %q of peer %q, want %q of src", sess.ID, sess.Peer, info.ID)
+	}
+	for _, ch := range []string{"main", "nbd"} {
+		want := endpoint.Unix(filepath.Join(dstSocks, info.ID[:12]+"-"+ch+".sock"))
+		if sess.Targets[ch] != want {
+			t.Errorf("%s target %v, want the session's own socket %v", ch, sess.Targets[ch], want)
+		}
 	}
 	// The destination cannot be asked VM operations of a source session.
-	if _, _, err := dst.VMCall(ctx, info.ID, "prepare", proxy.VMRequest{VM: "vm1"}); !errors.Is(err, proxy.ErrNoSession) && !errors.Is(err, proxy.ErrBadRequest) {
+	if _, err := dst.VMCall(ctx, info.ID, "prepare", json.RawMessage(`{}`)); !errors.Is(err, control.ErrBadRequest) {
 		t.Fatalf("VMCall on the destination: %v", err)
 	}
-	if _, err := src.Abort(info.ID, "done"); err != nil {
+	if _, err := src.Abort(ctx, info.ID, "done"); err != nil {
 		t.Fatal(err)
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		f.mu.Lock()
-		n := len(f.ended)
-		f.mu.Unlock()
-		if n == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the controller was not told the session ended")
-		}
-		time.Sleep(10 * time.Millisecond)
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if got := strings.Join(f.calls, ","); got != "prepare vm1,finish vm1,recover vm1,abort vm1" {
+	if len(f.ended) != 1 || f.ended[0] != info.ID {
+		t.Errorf("the handler was told of ended sessions %v, want [%s]", f.ended, info.ID)
+	}
+	if got := strings.Join(f.calls, ","); got != `prepare {"vm":"vm1"},finish {"vm":"vm1"},recover {"vm":"vm1"},abort {"vm":"vm1"}` {
 		t.Fatalf("calls %s", got)
 	}
 }
 
-// TestVMErrors: a host without VMs, a controller's error and a session
-// without an nbd channel are refused with clear messages.
+// TestVMErrors: a host without VMs, a handler's error and an unknown
+// session reach the source with their codes.
 func TestVMErrors(t *testing.T) {
 	ctx := context.Background()
 	src, dst, _ := vmHosts(t, nil)
-	info, err := src.Prepare(ctx, proxy.PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main"}})
+	info, err := src.Prepare(ctx, control.PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main"}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := src.VMCall(ctx, info.ID, "prepare", proxy.VMRequest{VM: "vm1"}); err == nil || !strings.Contains(err.Error(), "drives no VM") {
+	if _, err := src.VMCall(ctx, info.ID, "prepare", json.RawMessage(`{}`)); !errors.Is(err, control.ErrNotFound) || !strings.Contains(err.Error(), "drives no VM") {
 		t.Fatalf("no VMs: %v", err)
 	}
-	f := &fakeVMs{prepErr: errors.New(`unknown VM "vm9" on this host`)}
+	f := &fakeVMs{err: control.Errorf(control.CodeBusy, `VM "vm1" is busy with another migration`)}
 	src, dst, _ = vmHosts(t, f)
-	info, err = src.Prepare(ctx, proxy.PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main"}})
+	info, err = src.Prepare(ctx, control.PrepareRequest{Peer: dst.Addr().String(), Channels: []string{"main"}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := src.VMCall(ctx, info.ID, "prepare", proxy.VMRequest{VM: "vm9"}); err == nil || !strings.Contains(err.Error(), `unknown VM "vm9"`) {
-		t.Fatalf("controller error: %v", err)
+	_, err = src.VMCall(ctx, info.ID, "prepare", json.RawMessage(`{}`))
+	var ce *control.Error
+	if !errors.Is(err, control.ErrBusy) || !errors.As(err, &ce) || ce.Peer != dst.Addr().String() {
+		t.Fatalf("handler error: %v, want code busy from the peer", err)
 	}
-	if _, _, err := src.VMCall(ctx, info.ID, "prepare", proxy.VMRequest{VM: "vm1", Prepare: &proxy.VMPrepare{Disks: []proxy.VMDisk{{Node: "d", Size: 1}}}}); err == nil || !strings.Contains(err.Error(), "no nbd channel") {
-		t.Fatalf("disks without nbd: %v", err)
-	}
-	if _, _, err := src.VMCall(ctx, "00112233445566778899aabbccddeeff", "finish", proxy.VMRequest{VM: "vm1"}); !errors.Is(err, proxy.ErrNoSession) {
+	if _, err := src.VMCall(ctx, "00112233445566778899aabbccddeeff", "finish", json.RawMessage(`{}`)); !errors.Is(err, control.ErrNotFound) {
 		t.Fatalf("unknown session: %v", err)
 	}
 }

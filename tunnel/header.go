@@ -2,8 +2,11 @@ package tunnel
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
+	"net"
+	"os"
 )
 
 // Version is the stream header version this package speaks.
@@ -148,6 +151,9 @@ func readHeader(r io.Reader, buf *[MaxHeaderLen]byte) (Header, []byte, error) {
 		if err == io.ErrUnexpectedEOF || err == io.EOF {
 			return &RefusedError{Reason: ReasonMalformed, Detail: "short header"}
 		}
+		if isTimeout(err) {
+			return &RefusedError{Reason: ReasonTimeout, Detail: "no complete header within the handshake timeout"}
+		}
 		return err
 	}
 	if _, err := io.ReadFull(r, buf[:fixedHeaderLen]); err != nil {
@@ -189,4 +195,11 @@ func parseHeader(b []byte) (Header, error) {
 		return Header{}, err
 	}
 	return h, nil
+}
+
+// isTimeout reports whether err is a deadline that passed (a socket's or a
+// QUIC stream's).
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, os.ErrDeadlineExceeded) || errors.As(err, &ne) && ne.Timeout()
 }

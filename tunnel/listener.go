@@ -244,7 +244,11 @@ func (l *Listener) handshakeTCP(c *net.TCPConn) {
 	_ = c.SetDeadline(time.Now().Add(l.cfg.HandshakeTimeout))
 	var first [1]byte
 	if _, err := io.ReadFull(c, first[:]); err != nil {
-		l.logRefused(c.RemoteAddr(), &RefusedError{Reason: ReasonMalformed, Detail: "no header: " + err.Error()})
+		reason := ReasonMalformed
+		if isTimeout(err) {
+			reason = ReasonTimeout
+		}
+		l.logRefused(c.RemoteAddr(), &RefusedError{Reason: reason, Detail: "no header: " + err.Error()})
 		c.Close()
 		return
 	}

@@ -9,7 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/migtun/migtun/proxy"
+	"github.com/migtun/migtun/control"
 )
 
 // runCLI runs the command line in-process and returns stdout, stderr and
@@ -105,14 +105,14 @@ func TestCertsCommands(t *testing.T) {
 }
 
 func TestVirshArgs(t *testing.T) {
-	ch := func(name, uri string) proxy.ChannelInfo { return proxy.ChannelInfo{Name: name, LibvirtURI: uri} }
-	p2p := virshArgs(proxy.SessionInfo{Channels: []proxy.ChannelInfo{
+	ch := func(name, uri string) control.ChannelInfo { return control.ChannelInfo{Name: name, LibvirtURI: uri} }
+	p2p := virshArgs(control.SessionInfo{Channels: []control.ChannelInfo{
 		ch("libvirt", "qemu+unix:///system?socket=/s/l.sock"), ch("main", "unix:///s/m.sock"), ch("nbd", "unix:///s/n.sock")}})
 	want := "virsh migrate --live --p2p --copy-storage-all DOMAIN --desturi 'qemu+unix:///system?socket=/s/l.sock' --migrateuri unix:///s/m.sock --disks-uri unix:///s/n.sock"
 	if p2p != want {
 		t.Errorf("p2p:\n got %s\nwant %s", p2p, want)
 	}
-	direct := virshArgs(proxy.SessionInfo{Channels: []proxy.ChannelInfo{ch("main", "unix:///s/m.sock"), ch("nbd", "unix:///s/n.sock")}})
+	direct := virshArgs(control.SessionInfo{Channels: []control.ChannelInfo{ch("main", "unix:///s/m.sock"), ch("nbd", "unix:///s/n.sock")}})
 	want = "virsh migrate --live --copy-storage-all DOMAIN --desturi DESTURI --migrateuri unix:///s/m.sock --disks-uri unix:///s/n.sock"
 	if direct != want {
 		t.Errorf("direct:\n got %s\nwant %s", direct, want)

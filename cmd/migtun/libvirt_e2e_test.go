@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/migtun/migtun/control"
 	"github.com/migtun/migtun/internal/vmtest"
-	"github.com/migtun/migtun/proxy"
 )
 
 // libvirtRig is two libvirt QEMU daemons, "hosts" a and b, each in its own
@@ -377,7 +377,7 @@ const domainXML = `<domain type='%s'>
 
 // prepareLibvirt runs "migtun session prepare --libvirt" on the source and
 // returns the session and the virsh command it printed after the JSON.
-func (r *libvirtRig) prepareLibvirt(t *testing.T, channels ...string) (proxy.SessionInfo, string) {
+func (r *libvirtRig) prepareLibvirt(t *testing.T, channels ...string) (control.SessionInfo, string) {
 	t.Helper()
 	args := []string{"session", "prepare", "--control", r.srcCtl, "--peer", r.dstAddr, "--libvirt"}
 	for _, c := range channels {
@@ -389,7 +389,7 @@ func (r *libvirtRig) prepareLibvirt(t *testing.T, channels ...string) (proxy.Ses
 	}
 	sr := strings.NewReader(out)
 	dec := json.NewDecoder(sr)
-	var info proxy.SessionInfo
+	var info control.SessionInfo
 	if err := dec.Decode(&info); err != nil {
 		t.Fatalf("session prepare printed %q: %v", out, err)
 	}
@@ -397,7 +397,7 @@ func (r *libvirtRig) prepareLibvirt(t *testing.T, channels ...string) (proxy.Ses
 	return info, string(bytes.TrimSpace(rest))
 }
 
-func (r *libvirtRig) finish(t *testing.T, id string) proxy.FinishReport {
+func (r *libvirtRig) finish(t *testing.T, id string) control.FinishReport {
 	t.Helper()
 	return finishSession(t, r.srcCtl, id)
 }

@@ -39,9 +39,9 @@ func main() {
 		fmt.Fprintln(os.Stderr, "migtun:", err)
 	}
 	if errors.Is(err, flag.ErrHelp) {
-		os.Exit(0) //nolint:forbidigo // the one exit point
+		os.Exit(0) // the one exit point
 	}
-	os.Exit(1) //nolint:forbidigo // the one exit point
+	os.Exit(1) // the one exit point
 }
 
 // errReported is returned when the error was already printed (by the flag

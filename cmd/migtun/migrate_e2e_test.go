@@ -9,9 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/migtun/migtun/control"
 	"github.com/migtun/migtun/internal/sidecar"
 	"github.com/migtun/migtun/internal/vmtest"
-	"github.com/migtun/migtun/proxy"
 	"github.com/migtun/migtun/qmp"
 )
 
@@ -171,7 +171,7 @@ func testMigrateDestinationKilled(t *testing.T, q vmtest.QEMU) {
 		if err != nil {
 			t.Fatal(err, out)
 		}
-		var list []proxy.SessionInfo
+		var list []control.SessionInfo
 		json.Unmarshal([]byte(out), &list)
 		flowing := false
 		for _, s := range list {

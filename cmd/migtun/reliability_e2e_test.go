@@ -1,6 +1,6 @@
 package main
 
-// Reliability tests with real processes (issue 6): a peer killed
+// Reliability tests with real processes : a peer killed
 // mid-migration, bad connections at the port during a transfer, a slow
 // reader, and a network partition between namespaces. docs/reliability.md
 // says what each checks and how to rerun it.

@@ -21,9 +21,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/migtun/migtun/control"
 	"github.com/migtun/migtun/internal/sidecar"
 	"github.com/migtun/migtun/internal/vmtest"
-	"github.com/migtun/migtun/proxy"
 )
 
 // knownBug fails the test with a finding that was once a bug of migtun's
@@ -89,20 +89,20 @@ func relPKI(t *testing.T, sans map[string][]string) string {
 }
 
 // sessionsOf lists the sessions of a host through the CLI.
-func sessionsOf(t *testing.T, ctl string) []proxy.SessionInfo {
+func sessionsOf(t *testing.T, ctl string) []control.SessionInfo {
 	t.Helper()
 	out, err := migtun(t, "session", "list", "--control", ctl)
 	if err != nil {
 		t.Fatalf("session list: %v\n%s", err, out)
 	}
-	var list []proxy.SessionInfo
+	var list []control.SessionInfo
 	if err := json.Unmarshal([]byte(out), &list); err != nil {
 		t.Fatalf("session list printed %q: %v", out, err)
 	}
 	return list
 }
 
-func sessionState(t *testing.T, ctl, id string) (proxy.State, string) {
+func sessionState(t *testing.T, ctl, id string) (control.State, string) {
 	for _, s := range sessionsOf(t, ctl) {
 		if s.ID == id {
 			return s.State, s.Error
@@ -111,13 +111,13 @@ func sessionState(t *testing.T, ctl, id string) (proxy.State, string) {
 	return "", ""
 }
 
-func openState(s proxy.State) bool {
-	return s == proxy.StatePrepared || s == proxy.StateActive || s == proxy.StateFinishing
+func openState(s control.State) bool {
+	return s == control.StatePrepared || s == control.StateActive || s == control.StateFinishing
 }
 
 // waitSessionEnded polls a host until session id is no longer open, up to
 // limit; it returns the state and how long it took (or -1).
-func waitSessionEnded(t *testing.T, ctl, id string, limit time.Duration) (proxy.State, string, time.Duration) {
+func waitSessionEnded(t *testing.T, ctl, id string, limit time.Duration) (control.State, string, time.Duration) {
 	start := time.Now()
 	for {
 		st, why := sessionState(t, ctl, id)
@@ -172,13 +172,13 @@ func (h *relSessionHosts) abortSession(t *testing.T, id string) {
 	}
 }
 
-func (h *relSessionHosts) prepare(t *testing.T) proxy.SessionInfo {
+func (h *relSessionHosts) prepare(t *testing.T) control.SessionInfo {
 	t.Helper()
 	out, err := migtun(t, "session", "prepare", "--control", h.srcCtl, "--peer", h.dst.Addr, "--channel", "main")
 	if err != nil {
 		t.Fatalf("session prepare: %v\n%s", err, out)
 	}
-	var info proxy.SessionInfo
+	var info control.SessionInfo
 	if err := json.Unmarshal([]byte(out), &info); err != nil {
 		t.Fatal(err)
 	}

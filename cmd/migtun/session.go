@@ -7,56 +7,82 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net/url"
 	"strings"
 	"time"
 
-	"github.com/migtun/migtun/proxy"
+	"github.com/migtun/migtun/control"
 )
 
-const sessionUsage = `migtun session prepare --control unix:PATH --peer HOST:PORT --channel NAME [--channel NAME]... [--listen unix|tcp] [--libvirt]
+const sessionUsage = `session prepare --control unix:PATH --peer HOST:PORT --channel NAME [--channel NAME]... [--listen unix|tcp] [--libvirt]
        migtun session show|finish|abort --control unix:PATH ID
        migtun session list --control unix:PATH`
 
+// sessionArgs are the flags and arguments of one session subcommand.
+type sessionArgs struct {
+	sub      string
+	control  string
+	peer     string
+	channels listFlag
+	listen   string
+	libvirt  bool
+	grace    time.Duration
+	reason   string
+	id       string
+}
+
 func runSession(args []string, stdout, stderr io.Writer) error {
-	if len(args) == 0 {
-		fmt.Fprintf(stderr, "Usage: %s\n", sessionUsage)
-		return errors.New("session: want a subcommand: prepare, show, list, finish or abort")
+	a, err := parseSession(args, stderr)
+	if err != nil {
+		return err
 	}
-	sub, args := args[0], args[1:]
-	fs := newFlagSet("session "+sub, sessionUsage, stderr)
-	control := fs.String("control", "", "the local migtun's control endpoint: unix:PATH or tcp:HOST:PORT")
-	var (
-		peer     *string
-		channels listFlag
-		listen   *string
-		libvirt  *bool
-		grace    *time.Duration
-		reason   *string
-	)
-	switch sub {
+	c, err := control.NewClient(a.control, &control.Options{Timeout: 10 * time.Minute})
+	if err != nil {
+		return fmt.Errorf("session %s: --control: %w", a.sub, err)
+	}
+	defer c.Close()
+	out, err := a.do(context.Background(), c, stdout)
+	if err != nil {
+		return fmt.Errorf("session %s: %w", a.sub, err)
+	}
+	if out != nil {
+		return printJSON(stdout, out)
+	}
+	return nil
+}
+
+// parseSession reads the subcommand, its flags and the session ID; flags
+// may come before or after the ID.
+func parseSession(args []string, stderr io.Writer) (*sessionArgs, error) {
+	if len(args) == 0 {
+		fmt.Fprintf(stderr, "Usage: migtun %s\n", sessionUsage)
+		return nil, errors.New("session: want a subcommand: prepare, show, list, finish or abort")
+	}
+	a := &sessionArgs{sub: args[0]}
+	args = args[1:]
+	fs := newFlagSet("session "+a.sub, sessionUsage, stderr)
+	fs.StringVar(&a.control, "control", "", "the local migtun's control endpoint: unix:PATH or tcp:HOST:PORT")
+	switch a.sub {
 	case "prepare":
-		peer = fs.String("peer", "", "host:port of the destination's migtun")
-		fs.Var(&channels, "channel", "a channel the migration needs: main, nbd, libvirt, … (repeatable)")
-		listen = fs.String("listen", "unix", "local listeners: unix (sockets under serve's --socket-dir) or tcp (127.0.0.1)")
-		libvirt = fs.Bool("libvirt", false, "also print the virsh migrate arguments for the session's URIs")
+		fs.StringVar(&a.peer, "peer", "", "host:port of the destination's migtun")
+		fs.Var(&a.channels, "channel", "a channel the migration needs: main, nbd, libvirt, … (repeatable)")
+		fs.StringVar(&a.listen, "listen", "unix", "local listeners: unix (sockets under serve's --socket-dir) or tcp (127.0.0.1)")
+		fs.BoolVar(&a.libvirt, "libvirt", false, "also print the virsh migrate arguments for the session's URIs")
 	case "finish":
-		grace = fs.Duration("grace", 0, "how long streams in flight may take to end before they are aborted (default: serve's --finish-grace)")
+		fs.DurationVar(&a.grace, "grace", 0, "how long streams in flight may take to end before they are aborted (default: serve's --finish-grace)")
 	case "abort":
-		reason = fs.String("reason", "", "why, for the logs of both hosts")
+		fs.StringVar(&a.reason, "reason", "", "why, for the logs of both hosts")
 	case "show", "list":
 	default:
-		fmt.Fprintf(stderr, "Usage: %s\n", sessionUsage)
-		return fmt.Errorf("session: unknown subcommand %q", sub)
+		fmt.Fprintf(stderr, "Usage: migtun %s\n", sessionUsage)
+		return nil, fmt.Errorf("session: unknown subcommand %q", a.sub)
 	}
-	// Flags may come before or after the session ID.
 	var positional []string
 	for {
 		if err := fs.Parse(args); err != nil {
 			if errors.Is(err, flag.ErrHelp) {
-				return err
+				return nil, err
 			}
-			return errReported
+			return nil, errReported
 		}
 		if fs.NArg() == 0 {
 			break
@@ -64,74 +90,60 @@ func runSession(args []string, stdout, stderr io.Writer) error {
 		positional = append(positional, fs.Arg(0))
 		args = fs.Args()[1:]
 	}
-	if *control == "" {
-		return fmt.Errorf("session %s: --control is required", sub)
+	if a.control == "" {
+		return nil, fmt.Errorf("session %s: --control is required", a.sub)
 	}
-	c, err := newControlClient(*control)
-	if err != nil {
-		return fmt.Errorf("session %s: --control: %w", sub, err)
-	}
-	needID := sub == "show" || sub == "finish" || sub == "abort"
+	needID := a.sub == "show" || a.sub == "finish" || a.sub == "abort"
 	switch {
 	case needID && len(positional) != 1:
-		return fmt.Errorf("session %s: want exactly one session ID", sub)
+		return nil, fmt.Errorf("session %s: want exactly one session ID", a.sub)
 	case !needID && len(positional) > 0:
-		return fmt.Errorf("session %s: unexpected argument %q", sub, positional[0])
+		return nil, fmt.Errorf("session %s: unexpected argument %q", a.sub, positional[0])
+	case needID:
+		a.id = positional[0]
 	}
-	ctx := context.Background()
-	switch sub {
+	if a.sub == "prepare" && a.peer == "" {
+		return nil, errors.New("session prepare: --peer is required")
+	}
+	if a.sub == "prepare" && len(a.channels) == 0 {
+		return nil, errors.New("session prepare: give at least one --channel")
+	}
+	return a, nil
+}
+
+// do runs the subcommand and returns what to print as JSON.
+func (a *sessionArgs) do(ctx context.Context, c *control.Client, stdout io.Writer) (any, error) {
+	switch a.sub {
 	case "prepare":
-		if *peer == "" {
-			return errors.New("session prepare: --peer is required")
-		}
-		if len(channels) == 0 {
-			return errors.New("session prepare: give at least one --channel")
-		}
-		var info proxy.SessionInfo
-		if err := c.do(ctx, "POST", "/v1/sessions", proxy.PrepareRequest{Peer: *peer, Channels: channels, Listen: *listen}, &info); err != nil {
-			return fmt.Errorf("session prepare: %w", err)
+		info, err := c.Prepare(ctx, control.PrepareRequest{Peer: a.peer, Channels: a.channels, Listen: a.listen})
+		if err != nil {
+			return nil, err
 		}
 		if err := printJSON(stdout, info); err != nil {
-			return err
+			return nil, err
 		}
-		if *libvirt {
-			fmt.Fprintln(stdout, virshArgs(info))
+		if a.libvirt {
+			fmt.Fprintln(stdout, virshArgs(*info))
 		}
-		return nil
+		return nil, nil
 	case "list":
-		var list []proxy.SessionInfo
-		if err := c.do(ctx, "GET", "/v1/sessions", nil, &list); err != nil {
-			return fmt.Errorf("session list: %w", err)
-		}
-		return printJSON(stdout, list)
+		return c.Sessions(ctx)
 	case "show":
-		var info proxy.SessionInfo
-		if err := c.do(ctx, "GET", "/v1/sessions/"+url.PathEscape(positional[0]), nil, &info); err != nil {
-			return fmt.Errorf("session show: %w", err)
-		}
-		return printJSON(stdout, info)
+		return c.Session(ctx, a.id)
 	case "finish":
-		path := "/v1/sessions/" + url.PathEscape(positional[0]) + "/finish"
-		if *grace > 0 {
-			path += "?grace=" + grace.String()
-		}
-		var rep proxy.FinishReport
-		if err := c.do(ctx, "POST", path, nil, &rep); err != nil {
-			return fmt.Errorf("session finish: %w", err)
+		rep, err := c.Finish(ctx, a.id, a.grace)
+		if err != nil {
+			return nil, err
 		}
 		if err := printJSON(stdout, rep); err != nil {
-			return err
+			return nil, err
 		}
 		if len(rep.Mismatch) > 0 {
-			return fmt.Errorf("session finish: the hosts disagree: %s", strings.Join(rep.Mismatch, "; "))
+			return nil, fmt.Errorf("the hosts disagree: %s", strings.Join(rep.Mismatch, "; "))
 		}
-		return nil
+		return nil, nil
 	default: // abort
-		var info proxy.SessionInfo
-		if err := c.do(ctx, "POST", "/v1/sessions/"+url.PathEscape(positional[0])+"/abort", map[string]string{"reason": *reason}, &info); err != nil {
-			return fmt.Errorf("session abort: %w", err)
-		}
-		return printJSON(stdout, info)
+		return c.Abort(ctx, a.id, a.reason)
 	}
 }
 
@@ -140,13 +152,9 @@ func runSession(args []string, stdout, stderr io.Writer) error {
 // reaches the destination daemon through the session); without one, the
 // managed direct flow, where virsh itself connects to the destination
 // daemon (DESTURI).
-func virshArgs(info proxy.SessionInfo) string {
+func virshArgs(info control.SessionInfo) string {
 	var b strings.Builder
-	p2p := false
-	for _, c := range info.Channels {
-		p2p = p2p || c.Name == "libvirt"
-	}
-	if p2p {
+	if info.Channel("libvirt") != nil {
 		b.WriteString("virsh migrate --live --p2p --copy-storage-all DOMAIN")
 	} else {
 		b.WriteString("virsh migrate --live --copy-storage-all DOMAIN --desturi DESTURI")
@@ -168,19 +176,4 @@ func printJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
-}
-
-// controlClient speaks to a local migtun's control endpoint.
-type controlClient struct{ *proxy.Client }
-
-func newControlClient(spec string) (*controlClient, error) {
-	c, err := proxy.NewClient(spec, 10*time.Minute)
-	if err != nil {
-		return nil, err
-	}
-	return &controlClient{c}, nil
-}
-
-func (c *controlClient) do(ctx context.Context, method, path string, body, out any) error {
-	return c.Do(ctx, method, path, body, out)
 }

@@ -12,9 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/migtun/migtun/control"
 	"github.com/migtun/migtun/internal/sidecar"
 	"github.com/migtun/migtun/internal/vmtest"
-	"github.com/migtun/migtun/proxy"
 	"github.com/migtun/migtun/qmp"
 )
 
@@ -47,7 +47,7 @@ func newSessionRig(t *testing.T, transport string) *sessionRig {
 }
 
 // prepare runs "migtun session prepare" and returns the session.
-func (r *sessionRig) prepare(t *testing.T, channels ...string) proxy.SessionInfo {
+func (r *sessionRig) prepare(t *testing.T, channels ...string) control.SessionInfo {
 	t.Helper()
 	args := []string{"session", "prepare", "--control", r.srcCtl, "--peer", r.dst.Addr}
 	for _, c := range channels {
@@ -57,14 +57,14 @@ func (r *sessionRig) prepare(t *testing.T, channels ...string) proxy.SessionInfo
 	if err != nil {
 		t.Fatalf("session prepare: %v\n%s", err, out)
 	}
-	var info proxy.SessionInfo
+	var info control.SessionInfo
 	if err := json.Unmarshal([]byte(out), &info); err != nil {
 		t.Fatalf("session prepare printed %q: %v", out, err)
 	}
 	return info
 }
 
-func uriOf(t *testing.T, info proxy.SessionInfo, channel string) string {
+func uriOf(t *testing.T, info control.SessionInfo, channel string) string {
 	for _, c := range info.Channels {
 		if c.Name == channel {
 			return c.URI
@@ -90,10 +90,10 @@ func checkHostsClean(t *testing.T, controls []string, socketDirs ...string) {
 		if err != nil {
 			t.Fatalf("session list: %v\n%s", err, out)
 		}
-		var list []proxy.SessionInfo
+		var list []control.SessionInfo
 		json.Unmarshal([]byte(out), &list)
 		for _, s := range list {
-			if s.State == proxy.StatePrepared || s.State == proxy.StateActive || s.State == proxy.StateFinishing {
+			if s.State == control.StatePrepared || s.State == control.StateActive || s.State == control.StateFinishing {
 				t.Errorf("%s: session %s still %s", ctl, s.ID, s.State)
 			}
 		}
@@ -179,7 +179,7 @@ func (r *sessionRig) waitChannelIdle(ctx context.Context, t *testing.T, id, chan
 		if err != nil {
 			return errors.New(out)
 		}
-		var info proxy.SessionInfo
+		var info control.SessionInfo
 		if err := json.Unmarshal([]byte(out), &info); err != nil {
 			return err
 		}
@@ -198,17 +198,17 @@ func (r *sessionRig) waitChannelIdle(ctx context.Context, t *testing.T, id, chan
 
 // finishSession runs "migtun session finish" and requires both hosts to
 // agree.
-func finishSession(t *testing.T, ctl, id string) proxy.FinishReport {
+func finishSession(t *testing.T, ctl, id string) control.FinishReport {
 	t.Helper()
 	out, err := migtun(t, "session", "finish", "--control", ctl, id)
 	if err != nil {
 		t.Fatalf("session finish: %v\n%s", err, out)
 	}
-	var rep proxy.FinishReport
+	var rep control.FinishReport
 	if err := json.Unmarshal([]byte(out), &rep); err != nil {
 		t.Fatal(err)
 	}
-	if len(rep.Mismatch) != 0 || rep.Session.State != proxy.StateFinished {
+	if len(rep.Mismatch) != 0 || rep.Session.State != control.StateFinished {
 		t.Fatalf("finish report: state %s, mismatches %q\n%s", rep.Session.State, rep.Mismatch, out)
 	}
 	return rep

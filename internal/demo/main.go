@@ -27,7 +27,7 @@ import (
 func main() {
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "demo failed:", err)
-		os.Exit(1) //nolint:forbidigo // the one exit point
+		os.Exit(1) // the one exit point
 	}
 }
 

@@ -1,5 +1,7 @@
 // Package deptest checks that imports between migtun's packages point one
-// way, as docs/design.md says: cmd → proxy, qmp, certs, bench → tunnel.
+// way, as ../shared/DESIGN.md and docs/architecture.md say: cmd → migrate,
+// bench → proxy → tunnel, certs; migrate → qmp; everything → control →
+// endpoint.
 package deptest
 
 import (
@@ -14,10 +16,12 @@ const module = "github.com/migtun/migtun/"
 
 // forbidden lists, per package, the migtun packages it must not import.
 var forbidden = map[string][]string{
-	"tunnel": {"proxy", "qmp", "migrate", "certs", "bench", "cmd/migtun"},
-	"certs":  {"proxy", "qmp", "migrate", "tunnel", "bench", "cmd/migtun"},
-	"qmp":    {"proxy", "tunnel", "migrate", "certs", "bench", "cmd/migtun"},
-	"proxy":  {"qmp", "migrate", "bench", "cmd/migtun"},
+	"endpoint": {"control", "proxy", "qmp", "migrate", "tunnel", "certs", "bench", "cmd/migtun"},
+	"control":  {"proxy", "qmp", "migrate", "tunnel", "certs", "bench", "cmd/migtun"},
+	"tunnel":   {"control", "endpoint", "proxy", "qmp", "migrate", "certs", "bench", "cmd/migtun"},
+	"certs":    {"proxy", "qmp", "migrate", "tunnel", "bench", "cmd/migtun"},
+	"qmp":      {"proxy", "tunnel", "migrate", "certs", "bench", "cmd/migtun"},
+	"proxy":    {"qmp", "migrate", "bench", "cmd/migtun"},
 	// migrate may import proxy, qmp and tunnel.
 	"migrate": {"certs", "bench", "cmd/migtun"},
 }

@@ -4,6 +4,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/internal/leaktest"
 	"github.com/migtun/migtun/proxy"
 )
@@ -44,36 +45,10 @@ func checkParse[T comparable](t *testing.T, parse func(string) (T, error), cases
 	}
 }
 
-func unixEP(p string) proxy.Endpoint { return proxy.Endpoint{Network: "unix", Address: p} }
-func tcpEP(a string) proxy.Endpoint  { return proxy.Endpoint{Network: "tcp", Address: a} }
-
-func TestParseEndpoint(t *testing.T) {
-	leaktest.Check(t)
-	checkParse(t, proxy.ParseEndpoint, []parseCase[proxy.Endpoint]{
-		{in: "unix:/run/migtun/main.sock", want: unixEP("/run/migtun/main.sock")},
-		{in: "unix:/a=b:c", want: unixEP("/a=b:c")},
-		{in: "unix:" + longPath(107), want: unixEP(longPath(107))},
-		{in: "tcp:127.0.0.1:4444", want: tcpEP("127.0.0.1:4444")},
-		{in: "tcp:[::1]:7400", want: tcpEP("[::1]:7400")},
-		{in: "tcp:localhost:65535", want: tcpEP("localhost:65535")},
-
-		{in: "unix:run/main.sock", errHas: []string{"run/main.sock", "must be absolute"}},
-		{in: "unix:", errHas: []string{"must be absolute"}},
-		{in: "unix:" + longPath(108), errHas: []string{"longer than", "107"}},
-		{in: "unix:/run/a\x00b", errHas: []string{"NUL"}},
-		{in: "tcp:127.0.0.1", errHas: []string{"127.0.0.1", "missing port"}},
-		{in: "tcp:[::1]", errHas: []string{"missing port"}},
-		{in: "tcp:127.0.0.1:http", errHas: []string{`bad port "http"`}},
-		{in: "tcp:127.0.0.1:65536", errHas: []string{`bad port "65536"`}},
-		{in: "tcp:127.0.0.1:-1", errHas: []string{`bad port "-1"`}},
-		{in: "tcp:127.0.0.1:", errHas: []string{`bad port ""`}},
-		{in: "tcp::7400", errHas: []string{"missing host"}},
-		{in: "tcp:a/b:1", errHas: []string{`bad host "a/b"`}},
-		{in: "udp:127.0.0.1:1", errHas: []string{`unknown network "udp"`}},
-		{in: "/run/main.sock", errHas: []string{"want unix:PATH or tcp:HOST:PORT"}},
-		{in: "", errHas: []string{"want unix:PATH"}},
-	})
-}
+var (
+	unixEP = endpoint.Unix
+	tcpEP  = endpoint.TCP
+)
 
 func TestParseRoute(t *testing.T) {
 	leaktest.Check(t)
@@ -124,12 +99,7 @@ func TestParseForward(t *testing.T) {
 }
 
 // routeString formats r the way ParseRoute reads it.
-func routeString(r proxy.Route) string { return r.Channel + "=" + r.Target.String() }
-
-var endpointSeeds = []string{
-	"unix:/run/migtun/main.sock", "tcp:127.0.0.1:4444", "tcp:[::1]:7400", "tcp:[fe80::1%eth0]:1",
-	"unix:rel", "tcp:host", "tcp:host:99999", "tcp::1", "unix:/\x00", "unix:" + longPath(108), "x", "",
-}
+func routeString(r proxy.Route) string { return r.String() }
 
 var routeSeeds = []string{
 	"main=unix:/run/qemu/in.sock", "nbd=tcp:[::1]:10809", "main=unix:/a=b",
@@ -139,26 +109,6 @@ var routeSeeds = []string{
 var forwardSeeds = []string{
 	"unix:/run/fwd.sock=10.0.0.2:7400/main", "tcp:127.0.0.1:4444=[::1]:7400/nbd",
 	"unix:/a=b=c:1/d", "unix:/x=h:1/a/b", "unix:/x=h:1/", "unix:/x=h/main", "=/", "/=:",
-}
-
-func FuzzParseEndpoint(f *testing.F) {
-	leaktest.Check(f)
-	for _, s := range endpointSeeds {
-		f.Add(s)
-	}
-	f.Fuzz(func(t *testing.T, s string) {
-		e, err := proxy.ParseEndpoint(s)
-		if err != nil {
-			return
-		}
-		if e.String() != s {
-			t.Errorf("ParseEndpoint(%q).String() = %q", s, e.String())
-		}
-		again, err := proxy.ParseEndpoint(e.String())
-		if err != nil || again != e {
-			t.Errorf("ParseEndpoint(%q) = %+v, but its String %q parses to %+v, %v", s, e, e.String(), again, err)
-		}
-	})
 }
 
 func FuzzParseRoute(f *testing.F) {
