@@ -1,13 +1,15 @@
 # migtun: two commands on a fresh machine.
 #   make demo   a real QEMU live migration with storage through two migtun processes
-#   make test   vet, unit tests with -race, fuzz seed corpora, real-QEMU end-to-end tests, a brief benchmark run
+#   make test   vet, unit tests with -race, fuzz seed corpora, real-QEMU end-to-end tests on every
+#               QEMU generation (MIGTUN_QEMU selects; see docs/testing.md), a brief benchmark run
+#   make check  gofmt, vet and the libraries' unit tests with -race -short: a few minutes
 
 GO       ?= go
 FUZZTIME ?= 60s
 BIN      := bin/migtun
 VERSION  := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: all build deps demo test vet unit bench-smoke fuzz clean image deploy-test
+.PHONY: all build deps demo test check vet unit bench-smoke fuzz clean image deploy-test
 
 all: build
 
@@ -23,14 +25,20 @@ demo: deps build
 
 test: deps vet unit bench-smoke deploy-test
 
+# The quick loop: everything but cmd/migtun (the end-to-end tests), short.
+check: vet
+	$(GO) test -race -short -shuffle=on -timeout 5m $$($(GO) list ./... | grep -v /cmd/)
+
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet ./...
 
 # Unit tests, fuzz seed corpora (Fuzz* run their seeds as tests) and the
-# end-to-end tests, which build bin/migtun themselves and run real QEMU.
+# end-to-end tests, which build the migtun binary once per run and run real
+# QEMU, every generation installed (MIGTUN_QEMU=7.2 or =10.0 selects one).
+# Those that mostly wait run in parallel, up to 4 at a time.
 unit:
-	$(GO) test -race -shuffle=on -timeout 45m ./...
+	$(GO) test -race -shuffle=on -parallel 4 -timeout 45m ./...
 
 # The Go benchmarks, once each and briefly, so they do not rot.
 bench-smoke:

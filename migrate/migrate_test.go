@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -214,4 +215,25 @@ func FuzzServeVM(f *testing.F) {
 			t.Fatalf("%s %q: %v carries no code", op, body, err)
 		}
 	})
+}
+
+// TestWantCapsNoPreempt: with postcopy, postcopy-preempt is wanted when the
+// source QEMU offers it, unless NoPostcopyPreempt.
+func TestWantCapsNoPreempt(t *testing.T) {
+	offered := map[string]bool{"multifd": false, "postcopy-ram": false, "postcopy-preempt": false}
+	for _, tc := range []struct {
+		o    Options
+		off  map[string]bool
+		want string
+	}{
+		{Options{Postcopy: true}, offered, "map[postcopy-preempt:true postcopy-ram:true]"},
+		{Options{Postcopy: true, NoPostcopyPreempt: true}, offered, "map[postcopy-ram:true]"},
+		{Options{Postcopy: true}, map[string]bool{"postcopy-ram": false}, "map[postcopy-ram:true]"},
+		{Options{NoPostcopyPreempt: true, Multifd: 2}, offered, "map[multifd:true]"},
+	} {
+		r := &run{o: tc.o}
+		if got := fmt.Sprint(r.wantCaps(tc.off)); got != tc.want {
+			t.Errorf("%+v, offered %v: %s, want %s", tc.o, tc.off, got, tc.want)
+		}
+	}
 }

@@ -56,6 +56,9 @@ type Options struct {
 	// PostcopyStart is PostcopyAfterFirstPass (the default, also for "")
 	// or PostcopyImmediately.
 	PostcopyStart string
+	// NoPostcopyPreempt, with Postcopy, leaves QEMU's postcopy-preempt
+	// channel off even when the source QEMU offers it.
+	NoPostcopyPreempt bool
 	// PostcopyBandwidth limits the background page push in postcopy, in
 	// bytes/s (QEMU's max-postcopy-bandwidth); 0 sets no limit.
 	PostcopyBandwidth int64
@@ -356,7 +359,7 @@ func selectDisks(devs []blockDevice, want []string) ([]*disk, error) {
 
 // wantCaps are the capabilities both sides set, given those the source
 // QEMU offers: with postcopy, the postcopy-preempt channel (QEMU 8.0+) is
-// used when offered. QEMU opens that channel to the same URI once postcopy
+// used when offered, unless NoPostcopyPreempt. QEMU opens that channel to the same URI once postcopy
 // starts, after the main and multifd channels, so the main channel's
 // forward delivers it in its turn like any other.
 func (r *run) wantCaps(offered map[string]bool) map[string]bool {
@@ -366,7 +369,7 @@ func (r *run) wantCaps(offered map[string]bool) map[string]bool {
 	}
 	if r.o.Postcopy {
 		caps["postcopy-ram"] = true
-		if _, ok := offered["postcopy-preempt"]; ok {
+		if _, ok := offered["postcopy-preempt"]; ok && !r.o.NoPostcopyPreempt {
 			caps["postcopy-preempt"] = true
 		}
 	}

@@ -4,7 +4,9 @@
 # baseline relay), stunnel (the OpenSSL baseline of migtun bench) and
 # libvirt (the virsh migrate interop test), nftables and iproute2 (the
 # network-namespace tests). Go modules are fetched by the go
-# command itself.
+# command itself. The newer QEMU generation (10.0, from bookworm-backports)
+# is unpacked beside the system's by qemu-next.sh, and libvirt 11.3 by
+# libvirt-next.sh.
 set -euo pipefail
 
 need=()
@@ -17,7 +19,10 @@ command -v libvirtd >/dev/null || command -v virtqemud >/dev/null || need+=(libv
 command -v virsh >/dev/null || need+=(libvirt-clients)
 command -v nft >/dev/null || need+=(nftables)
 command -v ip >/dev/null || need+=(iproute2)
+here=$(dirname "$0")
 if [ ${#need[@]} -eq 0 ]; then
+  "$here/qemu-next.sh"
+  "$here/libvirt-next.sh"
   exit 0
 fi
 echo "installing ${need[*]} from Debian packages" >&2
@@ -28,3 +33,5 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $sudo apt-get update -qq
 $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+"$here/qemu-next.sh"
+"$here/libvirt-next.sh"

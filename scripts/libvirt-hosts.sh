@@ -13,7 +13,21 @@
 # Each daemon's client socket is outside the namespaces, in DIR/HOST/sock,
 # so virsh in the root namespace reaches both:
 #   virsh -c 'qemu+unix:///system?socket=DIR/a/sock/libvirt-sock' …
+#
+# With LIBVIRT_PREFIX set (e.g. /opt/migtun/libvirt-11.3, unpacked by
+# libvirt-next.sh), both daemons are that prefix's libvirtd, loading its
+# libraries and drivers; run that prefix's virsh the same way:
+#   LD_LIBRARY_PATH=$LIBVIRT_PREFIX/usr/lib/x86_64-linux-gnu $LIBVIRT_PREFIX/usr/bin/virsh …
 set -euo pipefail
+
+libvirtd=libvirtd
+virsh=virsh
+if [ -n "${LIBVIRT_PREFIX:-}" ]; then
+	export LD_LIBRARY_PATH="$LIBVIRT_PREFIX/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+	export LIBVIRT_DRIVER_DIR="$LIBVIRT_PREFIX/usr/lib/x86_64-linux-gnu/libvirt/connection-driver"
+	libvirtd=$LIBVIRT_PREFIX/usr/sbin/libvirtd
+	virsh=$LIBVIRT_PREFIX/usr/bin/virsh
+fi
 
 private=(/etc/libvirt /run/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt /run/migtun)
 
@@ -56,7 +70,7 @@ EOF
 	for i in "${!private[@]}"; do
 		script+="; mount --bind '${dirs[$i]}' '${private[$i]}'"
 	done
-	script+="; echo \$\$ >'$d/ns.pid'; exec libvirtd -f '$d/etc/libvirtd.conf' -p '$d/libvirtd.pid'"
+	script+="; echo \$\$ >'$d/ns.pid'; exec '$libvirtd' -f '$d/etc/libvirtd.conf' -p '$d/libvirtd.pid'"
 	rm -f "$d/ns.pid" "$d/sock/libvirt-sock"
 	setsid unshare -m --propagation private -- sh -c "$script" >"$d/stdout.log" 2>&1 </dev/null &
 	local n
@@ -81,8 +95,8 @@ stop_host() {
 	local uri="qemu+unix:///system?socket=$d/sock/libvirt-sock"
 	if [ -S "$d/sock/libvirt-sock" ]; then
 		local dom
-		for dom in $(virsh -c "$uri" list --name 2>/dev/null); do
-			virsh -c "$uri" destroy "$dom" >/dev/null 2>&1 || true
+		for dom in $("$virsh" -c "$uri" list --name 2>/dev/null); do
+			"$virsh" -c "$uri" destroy "$dom" >/dev/null 2>&1 || true
 		done
 	fi
 	kill "$pid" 2>/dev/null || true

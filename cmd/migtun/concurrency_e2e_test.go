@@ -52,7 +52,7 @@ func newFleet(t *testing.T, n, srcHosts int) *fleet {
 // newFleetTo is newFleet with dstHosts destinations: vm<i> goes from
 // source i%srcHosts to destination i%dstHosts.
 func newFleetTo(t *testing.T, n, srcHosts, dstHosts int) *fleet {
-	requireTool(t, "qemu-system-x86_64")
+	q := vmtest.One(t)
 	f := &fleet{dir: shortTempDir(t), vms: make([]fleetVM, n)}
 	var names []string
 	for h := range dstHosts {
@@ -71,12 +71,12 @@ func newFleetTo(t *testing.T, n, srcHosts, dstHosts int) *fleet {
 			v := &f.vms[i]
 			v.name, v.host, v.to = fmt.Sprintf("vm%d", i), i%srcHosts, i%dstHosts
 			var err error
-			v.src, err = vmtest.Start(ctx, vmtest.Options{Dir: f.dir, Name: "s" + v.name, RAM: fleetRAM, Disk: fleetDisk, Random: true})
+			v.src, err = vmtest.Start(ctx, vmtest.Options{Dir: f.dir, Name: "s" + v.name, RAM: fleetRAM, Disk: fleetDisk, Random: true, QEMU: q})
 			if err != nil {
 				errs[i] = err
 				return
 			}
-			v.dst, errs[i] = vmtest.Start(ctx, vmtest.Options{Dir: f.dir, Name: "d" + v.name, RAM: fleetRAM, Disk: fleetDisk, Incoming: true})
+			v.dst, errs[i] = vmtest.Start(ctx, vmtest.Options{Dir: f.dir, Name: "d" + v.name, RAM: fleetRAM, Disk: fleetDisk, Incoming: true, QEMU: q})
 		})
 	}
 	wg.Wait()

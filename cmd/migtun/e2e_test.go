@@ -19,8 +19,11 @@ import (
 // through two migtun processes, over each transport, with one main channel
 // and with multifd, and compares the images on both sides byte for byte.
 // While it runs, garbage is thrown at the destination's port.
+//
+// It runs on one QEMU generation (the first selected), full size: the
+// other end-to-end tests run every generation with small guests.
 func TestMigration(t *testing.T) {
-	requireTool(t, "qemu-system-x86_64")
+	q := vmtest.One(t)
 	ram, disk := int64(vmtest.DefaultRAM), int64(vmtest.DefaultDisk)
 	if testing.Short() {
 		ram, disk = 128<<20, 64<<20
@@ -34,13 +37,13 @@ func TestMigration(t *testing.T) {
 			t.Run(name, func(t *testing.T) {
 				// The plain transport must move the bulk bytes with splice(2)
 				// on both hosts: run both under strace and count.
-				testMigration(t, tr, multifd, ram, disk, tr == "plain" && multifd == 0)
+				testMigration(t, q, tr, multifd, ram, disk, tr == "plain" && multifd == 0)
 			})
 		}
 	}
 }
 
-func testMigration(t *testing.T, transport string, multifd int, ram, disk int64, traceSplice bool) {
+func testMigration(t *testing.T, q vmtest.QEMU, transport string, multifd int, ram, disk int64, traceSplice bool) {
 	dir := shortTempDir(t)
 	wrap := func(string) []string { return nil }
 	if traceSplice {
@@ -71,12 +74,12 @@ func testMigration(t *testing.T, transport string, multifd int, ram, disk int64,
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	srcVM, err := vmtest.Start(ctx, vmtest.Options{Dir: dir, Name: "src", RAM: ram, Disk: disk, Random: true})
+	srcVM, err := vmtest.Start(ctx, vmtest.Options{Dir: dir, Name: "src", RAM: ram, Disk: disk, Random: true, QEMU: q})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer srcVM.Close()
-	dstVM, err := vmtest.Start(ctx, vmtest.Options{Dir: dir, Name: "dst", RAM: ram, Disk: disk, Incoming: true})
+	dstVM, err := vmtest.Start(ctx, vmtest.Options{Dir: dir, Name: "dst", RAM: ram, Disk: disk, Incoming: true, QEMU: q})
 	if err != nil {
 		t.Fatal(err)
 	}

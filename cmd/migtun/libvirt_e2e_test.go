@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -25,6 +26,7 @@ import (
 // the destination QEMU's listening sockets have the same paths, as libvirt's
 // UNIX-socket migration requires, without colliding.
 type libvirtRig struct {
+	gen            libvirtGen
 	dir, script    string
 	uriA, uriB     string
 	srcCtl, dstCtl string
@@ -44,27 +46,94 @@ func requireRoot(t *testing.T) {
 	t.Skip("the libvirt end-to-end test needs root (libvirtd, mount namespaces)")
 }
 
-func newLibvirtRig(t *testing.T) *libvirtRig {
+// libvirtGen is a libvirt generation and the QEMU generation it drives:
+// Debian 12's libvirt 9.0 with QEMU 7.2, and libvirt 11.3 unpacked into a
+// prefix by scripts/libvirt-next.sh with QEMU 10.0.
+type libvirtGen struct {
+	name   string // "9.0", "11.3"
+	prefix string // "" for the system's libvirt
+	qemu   string // the QEMU generation
+}
+
+var libvirtGens = []libvirtGen{
+	{"9.0", "", "7.2"},
+	{"11.3", libvirtNextPrefix(), "10.0"},
+}
+
+// libvirtNextPrefix is where scripts/libvirt-next.sh unpacks libvirt 11.3.
+func libvirtNextPrefix() string {
+	if p := os.Getenv("MIGTUN_LIBVIRT_NEXT"); p != "" {
+		return p
+	}
+	return "/opt/migtun/libvirt-11.3"
+}
+
+// env is the environment of the generation's libvirt-hosts.sh and virsh.
+func (g libvirtGen) env() []string {
+	if g.prefix == "" {
+		return os.Environ()
+	}
+	return append(os.Environ(), "LIBVIRT_PREFIX="+g.prefix,
+		"LD_LIBRARY_PATH="+filepath.Join(g.prefix, "usr/lib/x86_64-linux-gnu"))
+}
+
+// virshBin is the generation's virsh.
+func (g libvirtGen) virshBin() string {
+	if g.prefix == "" {
+		return "virsh"
+	}
+	return filepath.Join(g.prefix, "usr/bin/virsh")
+}
+
+// version is what the generation's libvirtd reports ("libvirtd (libvirt)
+// 11.3.0"); it fails the test (under CI=true) or skips it when that
+// libvirt is not installed.
+func (g libvirtGen) version(t *testing.T) string {
 	t.Helper()
-	for _, tool := range []string{"qemu-system-x86_64", "libvirtd", "virsh", "unshare", "nsenter"} {
+	bin := "libvirtd"
+	if g.prefix != "" {
+		bin = filepath.Join(g.prefix, "usr/sbin/libvirtd")
+	}
+	cmd := exec.Command(bin, "--version")
+	cmd.Env = g.env()
+	out, err := cmd.Output()
+	v := strings.TrimSpace(string(out))
+	if err != nil || !strings.Contains(v, " "+g.name+".") {
+		cannot(t, "no libvirt %s (%s --version: %q, %v); scripts/libvirt-next.sh installs 11.3", g.name, bin, v, err)
+	}
+	return v
+}
+
+func newLibvirtRig(t *testing.T, g libvirtGen, q vmtest.QEMU) *libvirtRig {
+	t.Helper()
+	for _, tool := range []string{"unshare", "nsenter"} {
 		requireTool(t, tool)
 	}
+	if g.prefix == "" {
+		requireTool(t, "libvirtd")
+		requireTool(t, "virsh")
+	}
 	requireRoot(t)
+	t.Logf("running against libvirt %s with %s", g.version(t), q)
 	script, err := filepath.Abs("../../scripts/libvirt-hosts.sh")
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &libvirtRig{dir: shortTempDir(t), script: script}
+	r := &libvirtRig{gen: g, dir: shortTempDir(t), script: script}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, script, "start", r.dir).Output()
+	start := exec.CommandContext(ctx, script, "start", r.dir)
+	start.Env = g.env()
+	out, err := start.Output()
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, h := range []string{"a", "b"} {
 				t.Logf("host %s libvirtd log:\n%s", h, tail(filepath.Join(r.dir, h, "libvirtd.log"), 30))
 			}
 		}
-		if out, err := exec.Command(script, "stop", r.dir).CombinedOutput(); err != nil {
+		stop := exec.Command(script, "stop", r.dir)
+		stop.Env = g.env()
+		if out, err := stop.CombinedOutput(); err != nil {
 			t.Errorf("stopping the libvirt daemons: %v\n%s", err, out)
 		}
 	})
@@ -108,20 +177,23 @@ func tail(path string, n int) string {
 	return strings.Join(l, "\n")
 }
 
-// virsh runs virsh against uri and returns its trimmed output.
-func virsh(t *testing.T, uri string, args ...string) string {
+// virsh runs the generation's virsh against uri and returns its trimmed
+// output.
+func (r *libvirtRig) virsh(t *testing.T, uri string, args ...string) string {
 	t.Helper()
-	out, err := virshErr(uri, args...)
+	out, err := r.virshErr(uri, args...)
 	if err != nil {
 		t.Fatalf("virsh %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
 	return out
 }
 
-func virshErr(uri string, args ...string) (string, error) {
+func (r *libvirtRig) virshErr(uri string, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, "virsh", append([]string{"-c", uri}, args...)...).CombinedOutput()
+	cmd := exec.CommandContext(ctx, r.gen.virshBin(), append([]string{"-c", uri}, args...)...)
+	cmd.Env = r.gen.env()
+	out, err := cmd.CombinedOutput()
 	return strings.TrimSpace(string(out)), err
 }
 
@@ -144,9 +216,27 @@ func (r *libvirtRig) hostPath(host, path string) string {
 // reaches both daemons, only main and nbd go through migtun). The domain
 // must run on the destination afterwards, the disks must be identical, and
 // both migtuns must agree on the session's streams and bytes.
+//
+// It runs libvirt 9.0 with QEMU 7.2 and libvirt 11.3 with QEMU 10.0, the
+// generations selected by MIGTUN_QEMU (see vmtest.Selected).
 func TestLibvirtMigration(t *testing.T) {
-	r := newLibvirtRig(t)
-	const diskSize = 64 << 20
+	selected, err := vmtest.Selected()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range libvirtGens {
+		if !slices.Contains(selected, g.qemu) {
+			continue
+		}
+		t.Run("libvirt-"+g.name+"/qemu-"+g.qemu, func(t *testing.T) {
+			testLibvirtMigration(t, g, vmtest.Require(t, g.qemu))
+		})
+	}
+}
+
+func testLibvirtMigration(t *testing.T, g libvirtGen, q vmtest.QEMU) {
+	r := newLibvirtRig(t, g, q)
+	const diskSize = 32 << 20
 	domType := "qemu"
 	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
 		f.Close()
@@ -178,21 +268,21 @@ func TestLibvirtMigration(t *testing.T) {
 				t.Fatal(err)
 			}
 			xml := filepath.Join(r.dir, name+".xml")
-			if err := os.WriteFile(xml, []byte(fmt.Sprintf(domainXML, domType, name, image)), 0o644); err != nil {
+			if err := os.WriteFile(xml, []byte(fmt.Sprintf(domainXML, domType, name, q.Binary, image)), 0o644); err != nil {
 				t.Fatal(err)
 			}
-			virsh(t, r.uriA, "define", xml)
+			r.virsh(t, r.uriA, "define", xml)
 			t.Cleanup(func() {
 				if t.Failed() {
 					for _, h := range []string{"a", "b"} {
 						t.Logf("host %s QEMU log:\n%s", h, tail(r.hostPath(h, "/var/log/libvirt/qemu/"+name+".log"), 20))
 					}
 				}
-				virshErr(r.uriB, "destroy", name)
-				virshErr(r.uriA, "destroy", name)
-				virshErr(r.uriA, "undefine", name)
+				r.virshErr(r.uriB, "destroy", name)
+				r.virshErr(r.uriA, "destroy", name)
+				r.virshErr(r.uriA, "undefine", name)
 			})
-			virsh(t, r.uriA, "start", name)
+			r.virsh(t, r.uriA, "start", name)
 
 			channels := []string{"main", "nbd"}
 			if tc.p2p {
@@ -223,13 +313,13 @@ func TestLibvirtMigration(t *testing.T) {
 			}
 			t.Logf("virsh -c %s %s", r.uriA, strings.Join(args, " "))
 			start := time.Now()
-			virsh(t, r.uriA, args...)
+			r.virsh(t, r.uriA, args...)
 			t.Logf("virsh migrate took %v", time.Since(start).Round(time.Millisecond))
 
-			if st := virsh(t, r.uriB, "domstate", name); st != "running" {
+			if st := r.virsh(t, r.uriB, "domstate", name); st != "running" {
 				t.Fatalf("on the destination the domain is %q, want running", st)
 			}
-			if st := virsh(t, r.uriA, "domstate", name); st != "shut off" {
+			if st := r.virsh(t, r.uriA, "domstate", name); st != "shut off" {
 				t.Fatalf("on the source the domain is %q, want shut off", st)
 			}
 
@@ -245,7 +335,7 @@ func TestLibvirtMigration(t *testing.T) {
 			}
 
 			// Stop the destination QEMU so the image is quiescent, then compare.
-			virsh(t, r.uriB, "destroy", name)
+			r.virsh(t, r.uriB, "destroy", name)
 			hs, err := vmtest.HashFile(srcImg)
 			if err != nil {
 				t.Fatal(err)
@@ -276,7 +366,7 @@ const domainXML = `<domain type='%s'>
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
   <on_crash>destroy</on_crash>
   <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <emulator>%s</emulator>
     <disk type='file' device='disk'>
       <driver name='qemu' type='raw'/>
       <source file='%s'/>

@@ -58,6 +58,7 @@ func parseMigrate(args []string, stderr io.Writer) (migrate.Options, migrateFlag
 	var f migrateFlags
 	var qmpSpec, disks, tokenFile string
 	var downtime int64
+	var preempt bool
 	fs := newFlagSet("migrate", migrateSynopsis, stderr)
 	fs.StringVar(&o.Control, "control", "", "the local migtun's control endpoint: unix:PATH or tcp:HOST:PORT")
 	fs.StringVar(&tokenFile, "control-token-file", "", "the TCP control endpoint's token, in a file (serve's --control-token-file)")
@@ -69,6 +70,7 @@ func parseMigrate(args []string, stderr io.Writer) (migrate.Options, migrateFlag
 	fs.IntVar(&o.Multifd, "multifd", 0, "multifd channels (0: a single channel)")
 	fs.BoolVar(&o.Postcopy, "postcopy", false, "let the migration switch to postcopy (when both QEMUs offer it); a tunnel break in postcopy is recovered")
 	fs.StringVar(&o.PostcopyStart, "postcopy-start", migrate.PostcopyAfterFirstPass, "with --postcopy, when to switch: first-pass (once all RAM was sent once) or immediately")
+	fs.BoolVar(&preempt, "postcopy-preempt", true, "with --postcopy, use QEMU's postcopy-preempt channel when both QEMUs offer it")
 	fs.Int64Var(&o.PostcopyBandwidth, "postcopy-bandwidth", 0, "with --postcopy, limit the background page push in postcopy to this many bytes/s (0: no limit)")
 	fs.DurationVar(&o.RecoverTimeout, "recover-timeout", migrate.DefaultRecoverTimeout, "with --postcopy, keep trying to resume a postcopy migration paused by a tunnel break for this long (keep it below both hosts' --session-ttl)")
 	fs.Int64Var(&o.MaxBandwidth, "max-bandwidth", migrate.DefaultMaxBandwidth, "migration bandwidth limit in bytes/s (QEMU's own default of 128 MiB/s is never kept)")
@@ -95,6 +97,7 @@ func parseMigrate(args []string, stderr io.Writer) (migrate.Options, migrateFlag
 		}
 	}
 	o.Downtime = time.Duration(downtime) * time.Millisecond
+	o.NoPostcopyPreempt = !preempt
 	if disks != "" {
 		o.Disks = strings.Split(disks, ",")
 	}

@@ -26,12 +26,11 @@ type migrateRig struct {
 	srcVM, dstVM   *vmtest.VM
 }
 
-func newMigrateRig(t *testing.T, ram, disk int64) *migrateRig {
-	requireTool(t, "qemu-system-x86_64")
+func newMigrateRig(t *testing.T, q vmtest.QEMU, ram, disk int64) *migrateRig {
 	r := &migrateRig{dir: shortTempDir(t)}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	r.srcVM, r.dstVM = startVMs(ctx, t, r.dir, ram, disk)
+	r.srcVM, r.dstVM = startVMs(ctx, t, q, r.dir, ram, disk)
 	// migtun drives both QEMUs: the test lets go of their monitors.
 	r.srcVM.QMP.Close()
 	r.dstVM.QMP.Close()
@@ -90,18 +89,28 @@ func (r *migrateRig) checkClean(t *testing.T) {
 
 // TestMigrateCommand moves a paused VM with a random disk and RAM with
 // "migtun migrate --copy-storage all --paused", single channel and with
-// multifd 4, and checks both images are identical.
+// multifd 4, and checks both images are identical, on each QEMU
+// generation. The first generation's multifd run is full size, the others
+// small.
 func TestMigrateCommand(t *testing.T) {
-	ram, disk := int64(vmtest.DefaultRAM), int64(vmtest.DefaultDisk)
-	if testing.Short() {
-		ram, disk = 128<<20, 64<<20
-	}
+	first := true
+	vmtest.Each(t, func(t *testing.T, q vmtest.QEMU) {
+		testMigrateCommand(t, q, first)
+		first = false
+	})
+}
+
+func testMigrateCommand(t *testing.T, q vmtest.QEMU, fullSize bool) {
 	for _, tc := range []struct {
 		name  string
 		extra []string
 	}{{"single", nil}, {"multifd4", []string{"--multifd", "4", "--json"}}, {"postcopy", []string{"--postcopy", "--json"}}} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := newMigrateRig(t, ram, disk)
+			ram, disk := int64(128<<20), int64(32<<20)
+			if fullSize && tc.name == "multifd4" && !testing.Short() {
+				ram, disk = vmtest.DefaultRAM, vmtest.DefaultDisk
+			}
+			r := newMigrateRig(t, q, ram, disk)
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 			defer cancel()
 			start := time.Now()
@@ -132,7 +141,13 @@ func TestMigrateCommand(t *testing.T) {
 // source guest migrates: migtun migrate must fail naming the step, the
 // source guest must keep running, and neither host may keep a session.
 func TestMigrateDestinationKilled(t *testing.T) {
-	r := newMigrateRig(t, 512<<20, 16<<20)
+	t.Parallel() // it mostly waits
+	vmtest.Each(t, testMigrateDestinationKilled)
+}
+
+func testMigrateDestinationKilled(t *testing.T, q vmtest.QEMU) {
+	// 256 MiB at 16 MB/s take about 16 s: the kill comes after 16 MiB.
+	r := newMigrateRig(t, q, 256<<20, 16<<20)
 	reconnect(t, r.srcVM)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/migtun/migtun/internal/vmtest"
 )
 
 // onePortPort is the only TCP port the destination's firewall lets in.
@@ -38,11 +40,12 @@ var (
 // migtun listens on, TLS transport), checks the images are identical, and
 // that the firewall dropped nothing: no other port was needed.
 func TestOnePort(t *testing.T) {
-	requireTool(t, "qemu-system-x86_64")
+	vmtest.Each(t, testOnePort)
+}
+
+func testOnePort(t *testing.T, q vmtest.QEMU) {
 	nft := requireTool(t, "nft")
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for ip netns and nft")
-	}
+	requireRootFor(t, "ip netns and nft")
 	ns := newNetnsPair(t)
 	// IPv6 neighbour discovery on the veth is no port, but the ruleset
 	// could count it as a drop (none was seen in practice): as a
@@ -59,7 +62,7 @@ func TestOnePort(t *testing.T) {
 	if out, err := exec.Command("ip", "netns", "exec", ns.b, nft, "-f", rules).CombinedOutput(); err != nil {
 		// nft is installed: a kernel without nf_tables is a limit of the
 		// machine, like a missing permission.
-		t.Skipf("cannot load the nftables ruleset in %s: %v: %s", ns.b, err, out)
+		cannot(t, "cannot load the nftables ruleset in %s: %v: %s", ns.b, err, out)
 	}
 	counters := func() (accepted, dropped int64, text string) {
 		t.Helper()
@@ -79,7 +82,7 @@ func TestOnePort(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	h := newNetnsMigrateHosts(ctx, t, ns, onePortPort, 256<<20, 64<<20, "--transport", "tls")
+	h := newNetnsMigrateHosts(ctx, t, ns, q, onePortPort, 128<<20, 32<<20, "--transport", "tls")
 	srcVM, dstVM, dst := h.srcVM, h.dstVM, h.dst
 	listen := ns.ipB + ":" + strconv.Itoa(onePortPort)
 	if dst.Addr != listen {

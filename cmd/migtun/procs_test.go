@@ -111,3 +111,22 @@ func requireTool(t *testing.T, name string) string {
 	t.Skipf("%s is not installed; run 'make deps' to install it", name)
 	return ""
 }
+
+// cannot ends a test that cannot run on this machine (no root, no network
+// namespaces, no nftables): under CI=true it fails, elsewhere it skips
+// with the reason.
+func cannot(t *testing.T, format string, args ...any) {
+	t.Helper()
+	if os.Getenv("CI") == "true" {
+		t.Fatalf(format+" (required when CI=true)", args...)
+	}
+	t.Skipf(format, args...)
+}
+
+// requireRootFor ends the test through cannot unless it runs as root.
+func requireRootFor(t *testing.T, what string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		cannot(t, "needs root for %s", what)
+	}
+}

@@ -33,7 +33,7 @@ import (
 // QEMU's migration must fail within 5 s, the guest must go on running,
 // and the source migtun must end the session and remove its socket.
 func TestReliabilityDestKilledMidMigration(t *testing.T) {
-	requireTool(t, "qemu-system-x86_64")
+	q := vmtest.One(t)
 	for _, tc := range []struct{ name, transport, idle string }{
 		{"tls", "tls", ""}, {"quic/idle-timeout-3s", "quic", "3s"}, {"quic/default-idle-timeout", "quic", ""},
 	} {
@@ -47,7 +47,7 @@ func TestReliabilityDestKilledMidMigration(t *testing.T) {
 			h := newRelSessionHosts(t, tc.transport, nil, srcExtra)
 			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 			defer cancel()
-			src, dst := startVMs(ctx, t, h.dir, 512<<20, 16<<20)
+			src, dst := startVMs(ctx, t, q, h.dir, 256<<20, 16<<20)
 			// Prepared only now: starting the guests can take longer than
 			// the short --session-ttl on a loaded machine.
 			info := h.prepare(t)
@@ -57,7 +57,7 @@ func TestReliabilityDestKilledMidMigration(t *testing.T) {
 			if err := dst.QMP.MigrateIncoming(ctx, "unix:"+h.dstIn); err != nil {
 				t.Fatal(err)
 			}
-			// 32 MiB/s: 512 MiB take about 16 s, so the kill lands mid-way.
+			// 32 MiB/s: 256 MiB take about 8 s, so the kill at 64 MiB lands mid-way.
 			if err := src.QMP.MigrateSetParameters(ctx, map[string]any{"max-bandwidth": 32 << 20}); err != nil {
 				t.Fatal(err)
 			}
@@ -471,9 +471,7 @@ func TestReliabilitySlowReader(t *testing.T) {
 // bounded time: 15 s for QUIC with --idle-timeout 3s, 30 s for TLS, which
 // has only TCP's own timeouts.
 func TestReliabilityPartition(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for ip netns and tc")
-	}
+	requireRootFor(t, "ip netns and tc")
 	for _, tc := range []struct {
 		transport, method string
 		bound             time.Duration

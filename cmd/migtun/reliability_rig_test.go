@@ -261,6 +261,9 @@ func newSinkOn(t *testing.T, network, addr string, rate int64) *sink {
 	return s
 }
 
+// netnsPairs counts the pairs made by this process.
+var netnsPairs atomic.Int32
+
 // netnsPair is two network namespaces joined by a veth pair.
 type netnsPair struct {
 	a, b       string // namespace names
@@ -272,7 +275,8 @@ func newNetnsPair(t *testing.T) *netnsPair {
 	t.Helper()
 	requireTool(t, "ip")
 	requireTool(t, "tc")
-	suffix := fmt.Sprintf("%d", os.Getpid()%100000)
+	// Unique per process and pair: tests using pairs run in parallel.
+	suffix := fmt.Sprintf("%d%c", os.Getpid()%100000, 'a'+netnsPairs.Add(1)%26)
 	p := &netnsPair{a: "mta" + suffix, b: "mtb" + suffix, ipA: "10.231.0.1", ipB: "10.231.0.2",
 		devA: "mva" + suffix, devB: "mvb" + suffix}
 	run := func(args ...string) error {
@@ -283,11 +287,11 @@ func newNetnsPair(t *testing.T) *netnsPair {
 		return nil
 	}
 	if err := run("ip", "netns", "add", p.a); err != nil {
-		t.Skipf("network namespaces are not permitted here: %v", err)
+		cannot(t, "network namespaces are not permitted here: %v", err)
 	}
 	t.Cleanup(func() { run("ip", "netns", "del", p.a) })
 	if err := run("ip", "netns", "add", p.b); err != nil {
-		t.Skipf("network namespaces are not permitted here: %v", err)
+		cannot(t, "network namespaces are not permitted here: %v", err)
 	}
 	t.Cleanup(func() { run("ip", "netns", "del", p.b) })
 	for _, cmd := range [][]string{
@@ -300,7 +304,7 @@ func newNetnsPair(t *testing.T) *netnsPair {
 		{"ip", "-n", p.b, "link", "set", "lo", "up"},
 	} {
 		if err := run(cmd...); err != nil {
-			t.Skipf("cannot build the veth pair: %v", err)
+			cannot(t, "cannot build the veth pair: %v", err)
 		}
 	}
 	return p
@@ -362,14 +366,14 @@ type netnsMigrateHosts struct {
 // newNetnsMigrateHosts starts the VMs (ram and disk bytes, the source's
 // random) and both migtuns with extra flags; the test lets go of the VMs'
 // monitors, as migtun drives them.
-func newNetnsMigrateHosts(ctx context.Context, t *testing.T, ns *netnsPair, port int, ram, disk int64, extra ...string) *netnsMigrateHosts {
+func newNetnsMigrateHosts(ctx context.Context, t *testing.T, ns *netnsPair, q vmtest.QEMU, port int, ram, disk int64, extra ...string) *netnsMigrateHosts {
 	t.Helper()
 	dir := shortTempDir(t)
 	h := &netnsMigrateHosts{
 		srcCtl: "unix:" + filepath.Join(dir, "src.ctl"), dstCtl: "unix:" + filepath.Join(dir, "dst.ctl"),
 		srcSocks: filepath.Join(dir, "ss"), dstSocks: filepath.Join(dir, "ds"),
 	}
-	h.srcVM, h.dstVM = startVMs(ctx, t, dir, ram, disk)
+	h.srcVM, h.dstVM = startVMs(ctx, t, q, dir, ram, disk)
 	h.srcVM.QMP.Close()
 	h.dstVM.QMP.Close()
 	ca := relPKI(t, map[string][]string{"src": {ns.ipA}, "dst": {ns.ipB}})

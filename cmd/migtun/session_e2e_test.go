@@ -109,12 +109,15 @@ func checkHostsClean(t *testing.T, controls []string, socketDirs ...string) {
 // with "migtun session prepare", finishes it, and checks both hosts saw
 // the same streams and bytes. Alongside, the libvirt channel carries a
 // request/response exchange with a half close in each direction.
+//
+// It runs on each QEMU generation, with small guests: TestMigration moves
+// the full-size ones.
 func TestSessionMigration(t *testing.T) {
-	requireTool(t, "qemu-system-x86_64")
-	ram, disk := int64(vmtest.DefaultRAM), int64(vmtest.DefaultDisk)
-	if testing.Short() {
-		ram, disk = 128<<20, 64<<20
-	}
+	vmtest.Each(t, testSessionMigration)
+}
+
+func testSessionMigration(t *testing.T, q vmtest.QEMU) {
+	ram, disk := int64(128<<20), int64(32<<20)
 	for _, tc := range []struct {
 		name      string
 		transport string
@@ -126,7 +129,7 @@ func TestSessionMigration(t *testing.T) {
 			info := r.prepare(t, "libvirt", "main", "nbd")
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 			defer cancel()
-			src, dst := startVMs(ctx, t, r.dir, ram, disk)
+			src, dst := startVMs(ctx, t, q, r.dir, ram, disk)
 
 			lvErr := make(chan error, 1)
 			go func() { lvErr <- libvirtExchange(uriOf(t, info, "libvirt")) }()
@@ -211,14 +214,16 @@ func finishSession(t *testing.T, ctl, id string) control.FinishReport {
 	return rep
 }
 
-func startVMs(ctx context.Context, t *testing.T, dir string, ram, disk int64) (src, dst *vmtest.VM) {
+// startVMs starts a random source VM and an empty destination VM of QEMU
+// generation q, closed when the test ends.
+func startVMs(ctx context.Context, t *testing.T, q vmtest.QEMU, dir string, ram, disk int64) (src, dst *vmtest.VM) {
 	t.Helper()
-	src, err := vmtest.Start(ctx, vmtest.Options{Dir: dir, Name: "src", RAM: ram, Disk: disk, Random: true})
+	src, err := vmtest.Start(ctx, vmtest.Options{Dir: dir, Name: "src", RAM: ram, Disk: disk, Random: true, QEMU: q})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { src.Close() })
-	dst, err = vmtest.Start(ctx, vmtest.Options{Dir: dir, Name: "dst", RAM: ram, Disk: disk, Incoming: true})
+	dst, err = vmtest.Start(ctx, vmtest.Options{Dir: dir, Name: "dst", RAM: ram, Disk: disk, Incoming: true, QEMU: q})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -293,12 +298,13 @@ func libvirtExchange(uri string) error {
 // migrating: the source QEMU must see the failure, keep the guest running,
 // and both hosts must be left clean.
 func TestSessionAbortMidMigration(t *testing.T) {
-	requireTool(t, "qemu-system-x86_64")
+	q := vmtest.One(t)
+	t.Parallel() // it mostly waits
 	r := newSessionRig(t, "tls")
 	info := r.prepare(t, "main")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	src, dst := startVMs(ctx, t, r.dir, 512<<20, 16<<20)
+	src, dst := startVMs(ctx, t, q, r.dir, 256<<20, 16<<20)
 	if err := src.QMP.Cont(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -49,7 +49,10 @@ type Options struct {
 	Random bool
 	// Seed makes the random content reproducible; 0 picks a random seed.
 	Seed uint64
-	// Binary is the QEMU binary; default [QEMUBinary].
+	// QEMU is the generation to run (see [FindGeneration]); the zero
+	// value is the system's qemu-system-x86_64 (or Binary).
+	QEMU QEMU
+	// Binary is the QEMU binary; default QEMU.Binary, else [QEMUBinary].
 	Binary string
 	// Accel is "kvm" or "tcg"; default kvm when [KVMAvailable], else tcg.
 	Accel string
@@ -123,6 +126,9 @@ func (o Options) withDefaults() (Options, error) {
 		return o, fmt.Errorf("vmtest: Disk %d is not a positive multiple of 512", o.Disk)
 	}
 	if o.Binary == "" {
+		o.Binary = o.QEMU.Binary
+	}
+	if o.Binary == "" {
 		bin, err := QEMUBinary()
 		if err != nil {
 			return o, err
@@ -178,6 +184,9 @@ func Start(ctx context.Context, opts Options) (v *VM, err error) {
 	}
 	if err := v.connect(ctx); err != nil {
 		return v, err
+	}
+	if n := o.QEMU.Name; n != "" && generationOf(v.QMP.Version().String()) != n {
+		return v, fmt.Errorf("vmtest: %s reports QEMU %s, not %s", o.Binary, v.QMP.Version(), n)
 	}
 	// QEMU answers QMP only after creating its memory backend, so the RAM
 	// file can go now: it lives on through QEMU's mapping and our fd.

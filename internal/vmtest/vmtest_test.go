@@ -133,13 +133,21 @@ func TestStartFailsCleanly(t *testing.T) {
 	}
 }
 
+// TestMigrateDirect migrates QEMU to QEMU without migtun, on each QEMU
+// generation, and checks the images are equal.
 func TestMigrateDirect(t *testing.T) {
-	requireQEMU(t)
+	Each(t, testMigrateDirect)
+}
+
+func testMigrateDirect(t *testing.T, q QEMU) {
 	for _, multifd := range []int{0, 4} {
 		t.Run(fmt.Sprintf("multifd=%d", multifd), func(t *testing.T) {
 			dir := shortDir(t)
-			src := startVM(t, Options{Dir: dir, Name: "src", RAM: testRAM, Disk: testDisk, Random: true})
-			dst := startVM(t, Options{Dir: dir, Name: "dst", RAM: testRAM, Disk: testDisk, Incoming: true})
+			src := startVM(t, Options{Dir: dir, Name: "src", RAM: testRAM, Disk: testDisk, Random: true, QEMU: q})
+			dst := startVM(t, Options{Dir: dir, Name: "dst", RAM: testRAM, Disk: testDisk, Incoming: true, QEMU: q})
+			if got := src.QMP.Version().String(); !strings.HasPrefix(got, q.Name+".") {
+				t.Fatalf("QMP reports QEMU %s, want %s", got, q.Name)
+			}
 			if err := CompareImages(src, dst); !errors.Is(err, ErrMismatch) {
 				t.Fatalf("images equal before migrating: %v", err)
 			}
@@ -210,5 +218,46 @@ func TestMigrateFailure(t *testing.T) {
 	}
 	if st, err := src.QMP.Status(ctx); err != nil || st != "prelaunch" {
 		t.Errorf("source status = %q, %v; want prelaunch", st, err)
+	}
+}
+
+func TestSelected(t *testing.T) {
+	for _, tc := range []struct {
+		env  string
+		want []string
+		err  bool
+	}{
+		{"", KnownGenerations, false},
+		{"all", KnownGenerations, false},
+		{"10.0", []string{"10.0"}, false},
+		{"10.0, 7.2,10.0", []string{"7.2", "10.0"}, false},
+		{"8.2", nil, true},
+	} {
+		t.Setenv(SelectEnv, tc.env)
+		got, err := Selected()
+		if (err != nil) != tc.err || fmt.Sprint(got) != fmt.Sprint(tc.want) {
+			t.Errorf("%s=%q: %v, %v; want %v (error %v)", SelectEnv, tc.env, got, err, tc.want, tc.err)
+		}
+	}
+}
+
+func TestGenerationOf(t *testing.T) {
+	for v, want := range map[string]string{
+		"7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)":      "7.2",
+		"10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)": "10.0",
+	} {
+		if got := generationOf(v); got != want {
+			t.Errorf("generationOf(%q) = %q, want %q", v, got, want)
+		}
+	}
+}
+
+// TestFindGenerationMissing names where to get a generation that is not
+// installed.
+func TestFindGenerationMissing(t *testing.T) {
+	t.Setenv("MIGTUN_QEMU_NEXT", t.TempDir())
+	_, err := FindGeneration("10.0")
+	if !errors.Is(err, ErrNoQEMU) || !strings.Contains(err.Error(), "qemu-next.sh") {
+		t.Fatalf("FindGeneration with an empty prefix: %v", err)
 	}
 }
