@@ -70,9 +70,10 @@ func (s *Server) startControl(in *tunnel.Incoming) {
 	scope, ok := s.inflight.acquire(in.Peer, s.cfg.MaxControlRequests, s.cfg.MaxPeerControlRequests)
 	if !ok {
 		err := &tunnel.RefusedError{Reason: tunnel.ReasonLimit, Detail: "too many control requests in flight"}
-		in.Refuse(err)
+		// Counted before the peer can see the refusal.
 		s.metrics.refused(err.Reason)
 		s.metrics.controlBusy.WithLabelValues(scope).Inc()
+		in.Refuse(err)
 		s.warn("control request refused", "peer", in.Peer, "reason", err.Reason.String(), "scope", scope)
 		return
 	}

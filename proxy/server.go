@@ -453,8 +453,8 @@ func (s *Server) deliver(in *tunnel.Incoming) {
 	log := s.log.With(slog.String("channel", h.Channel), slog.Uint64("index", h.Index),
 		slog.String("peer", in.Peer), slog.String("transport", string(in.Transport)))
 	refuse := func(err *tunnel.RefusedError) {
+		s.metrics.refused(err.Reason) // counted before the peer can see it
 		in.Refuse(err)
-		s.metrics.refused(err.Reason)
 		s.warn("stream refused", "channel", h.Channel, "peer", in.Peer, "reason", err.Reason.String(), "err", err.Detail)
 	}
 	if h.Kind != tunnel.KindData {
