@@ -25,13 +25,17 @@ demo: deps build
 
 test: deps vet unit bench-smoke deploy-test
 
-# The quick loop: everything but cmd/migtun (the end-to-end tests), short.
+# The quick loop: vet (gofmt, go vet, tidy go.mod) and everything but
+# cmd/migtun (the end-to-end tests), short.
 check: vet
 	$(GO) test -race -short -shuffle=on -timeout 5m $$($(GO) list ./... | grep -v /cmd/)
 
+# gofmt, go vet, and go.mod as go mod tidy would leave it (both modules).
 vet:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
 	$(GO) vet ./...
+	@$(GO) mod tidy -diff || { echo "go.mod or go.sum is not tidy: run go mod tidy"; exit 1; }
+	@cd deploy && $(GO) mod tidy -diff || { echo "deploy/go.mod or go.sum is not tidy: run go mod tidy in deploy/"; exit 1; }
 
 # Unit tests, fuzz seed corpora (Fuzz* run their seeds as tests) and the
 # end-to-end tests, which build the migtun binary once per run and run real
