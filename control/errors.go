@@ -82,7 +82,8 @@ type Error struct {
 
 func (e *Error) Error() string { return e.Message }
 
-// Unwrap returns the error the message wrapped with %w, if any.
+// Unwrap returns what Errorf's format wrapped with %w, if anything: the
+// formatted error, whose chain holds every error wrapped.
 func (e *Error) Unwrap() error { return e.cause }
 
 // Is reports whether target is an *Error with the same code, so that
@@ -96,7 +97,10 @@ func (e *Error) Is(target error) bool {
 // fmt.Errorf; an error given with %w stays reachable by errors.Is and As.
 func Errorf(code Code, format string, args ...any) error {
 	err := fmt.Errorf(format, args...)
-	return &Error{Code: code, Message: err.Error(), cause: errors.Unwrap(err)}
+	if errors.Unwrap(err) == nil && !wrapsMany(err) {
+		return &Error{Code: code, Message: err.Error()}
+	}
+	return &Error{Code: code, Message: err.Error(), cause: err}
 }
 
 // CodeOf returns the code of the first *Error in err's chain, CodeTimeout
@@ -126,3 +130,9 @@ var (
 	ErrUnavailable  = &Error{Code: CodeUnavailable}
 	ErrVMFailed     = &Error{Code: CodeVMFailed}
 )
+
+// wrapsMany reports whether err wraps several errors (%w more than once).
+func wrapsMany(err error) bool {
+	u, ok := err.(interface{ Unwrap() []error })
+	return ok && len(u.Unwrap()) > 0
+}

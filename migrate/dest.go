@@ -35,8 +35,12 @@ type Controller struct {
 // incoming is a VM prepared for a session's incoming migration.
 type incoming struct {
 	session string
-	nbd     bool // the NBD server is started
-	busy    bool // an operation is running
+	cfg     VMConfig // resolved once, when prepared
+	nbd     bool     // the NBD server is started
+	busy    bool     // an operation is running
+	// ended is set when the session ended while an operation ran: the
+	// operation's release cleans the VM up and forgets it.
+	ended bool
 	// recovering is the postcopy pause (VMRequest.Pause) for which QEMU
 	// was last asked to listen again; 0: none.
 	recovering int
@@ -57,63 +61,99 @@ type Incoming struct {
 }
 
 // acquire marks vm busy for an operation of session; with prepare set, vm
-// must not be prepared for another session, else it must be prepared for
-// this one.
-func (c *Controller) acquire(vm, session string, prepare bool) (*incoming, error) {
-	if _, err := c.reg.lookup(vm); err != nil {
-		return nil, err
-	}
+// must not be prepared for another session and peer must be one it is
+// bound to, else it must be prepared for this session.
+func (c *Controller) acquire(vm, session, peer string, prepare bool) (*incoming, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	in := c.incoming[vm]
-	switch {
-	case in != nil && in.session != session:
-		return nil, control.Errorf(control.CodeBusy, "VM %q is busy with another migration", vm)
-	case in != nil && in.busy:
-		return nil, control.Errorf(control.CodeBusy, "VM %q: another operation is running", vm)
-	case in == nil && !prepare:
-		return nil, control.Errorf(control.CodeNotPrepared, "VM %q is not prepared for this session", vm)
-	case in != nil && prepare:
-		return nil, control.Errorf(control.CodeBusy, "VM %q is already prepared for this session", vm)
-	case in == nil:
-		in = &incoming{session: session}
+	if in == nil {
+		cfg, err := c.reg.allow(vm, peer)
+		switch {
+		case err != nil:
+			return nil, err
+		case !prepare:
+			return nil, control.Errorf(control.CodeNotPrepared, "VM %q is not prepared for this session", vm)
+		}
+		in = &incoming{session: session, cfg: cfg, busy: true}
 		c.incoming[vm] = in
+		return in, nil
+	}
+	switch {
+	case in.session != session:
+		return nil, control.Errorf(control.CodeBusy, "VM %q is busy with another migration", vm)
+	case in.busy:
+		return nil, control.Errorf(control.CodeBusy, "VM %q: another operation is running", vm)
+	case prepare:
+		return nil, control.Errorf(control.CodeBusy, "VM %q is already prepared for this session", vm)
 	}
 	in.busy = true
 	return in, nil
 }
 
+// release ends an operation on vm. The VM is forgotten if forget is set,
+// or if its session ended meanwhile; then what it still holds (its NBD
+// server) is given up.
 func (c *Controller) release(vm string, in *incoming, forget bool) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	in.busy = false
-	if forget && c.incoming[vm] == in {
+	ended := in.ended
+	if (forget || ended) && c.incoming[vm] == in {
 		delete(c.incoming, vm)
+	}
+	c.mu.Unlock()
+	if ended && in.nbd {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		c.log.Warn("session ended during an operation on its VM; giving the VM up", "vm", vm, "session", in.session)
+		c.abort(ctx, vm, in)
 	}
 }
 
-func (c *Controller) dial(ctx context.Context, vm string) (*qmp.Client, error) {
-	cfg, err := c.reg.lookup(vm)
-	if err != nil {
-		return nil, err
-	}
+// dial connects to the VM's QMP socket. The error a peer sees names the
+// VM, not the socket; the log has the details.
+func (c *Controller) dial(ctx context.Context, vm string, cfg VMConfig) (*qmp.Client, error) {
 	q, err := qmp.Dial(ctx, cfg.QMP)
 	if err != nil {
-		return nil, control.Errorf(control.CodeVMFailed, "VM %q: connecting to its QMP socket: %w", vm, err)
+		c.log.Warn("VM's QMP socket does not answer", "vm", vm, "qmp", cfg.QMP, "err", err.Error())
+		return nil, control.Errorf(codeOf(err), "VM %q: its QMP socket does not answer (%s)", vm, brief(err))
 	}
 	return q, nil
+}
+
+// codeOf is the code of a failed QMP exchange: timeout when it ran out of
+// time, vm_failed otherwise.
+func codeOf(err error) control.Code {
+	if errors.Is(err, context.DeadlineExceeded) {
+		return control.CodeTimeout
+	}
+	return control.CodeVMFailed
+}
+
+// brief says what kind of failure err is, without the paths or addresses
+// its text may hold.
+func brief(err error) string {
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		return "no answer in time"
+	case errors.Is(err, context.Canceled):
+		return "cancelled"
+	case errors.Is(err, qmp.ErrNotQMP):
+		return "not a QMP monitor"
+	}
+	return "cannot connect"
 }
 
 // PrepareIncoming checks the VM waits for an incoming migration and has
 // every disk, sets the capabilities, exports the disks over NBD on in.NBD
 // and listens on in.Main.
 func (c *Controller) PrepareIncoming(ctx context.Context, vm string, in Incoming) (p *VMPrepared, err error) {
-	st, err := c.acquire(vm, in.Session, true)
+	st, err := c.acquire(vm, in.Session, in.Peer, true)
 	if err != nil {
 		return nil, err
 	}
 	defer func() { c.release(vm, st, err != nil) }()
-	q, err := c.dial(ctx, vm)
+	q, err := c.dial(ctx, vm, st.cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -181,18 +221,18 @@ func (c *Controller) PrepareIncoming(ctx context.Context, vm string, in Incoming
 // FinishIncoming waits for the incoming migration to complete, stops the
 // NBD server and resumes the guest if asked.
 func (c *Controller) FinishIncoming(ctx context.Context, vm, session string, resume bool) (r *VMResult, err error) {
-	st, err := c.acquire(vm, session, false)
+	st, err := c.acquire(vm, session, "", false)
 	if err != nil {
 		return nil, err
 	}
 	defer func() { c.release(vm, st, err == nil) }()
-	q, err := c.dial(ctx, vm)
+	q, err := c.dial(ctx, vm, st.cfg)
 	if err != nil {
 		return nil, err
 	}
 	defer q.Close()
 	if _, err := q.WaitMigration(ctx, pollInterval, nil); err != nil {
-		return nil, control.Errorf(control.CodeVMFailed, "VM %q: waiting for the incoming migration: %w", vm, err)
+		return nil, control.Errorf(codeOf(err), "VM %q: waiting for the incoming migration: %w", vm, err)
 	}
 	if st.nbd {
 		if err := q.NBDServerStop(ctx); err != nil {
@@ -220,7 +260,7 @@ func (c *Controller) FinishIncoming(ctx context.Context, vm, session string, res
 // source's resumed channel. A request for the pause it listens for already
 // is answered at once, so the source may retry one whose answer it lost.
 func (c *Controller) RecoverIncoming(ctx context.Context, vm, session string, pause int, main endpoint.Endpoint) error {
-	st, err := c.acquire(vm, session, false)
+	st, err := c.acquire(vm, session, "", false)
 	if err != nil {
 		return err
 	}
@@ -229,14 +269,14 @@ func (c *Controller) RecoverIncoming(ctx context.Context, vm, session string, pa
 	if err != nil {
 		return control.Errorf(control.CodeBadRequest, "VM %q: the main channel's route: %w", vm, err)
 	}
-	q, err := c.dial(ctx, vm)
+	q, err := c.dial(ctx, vm, st.cfg)
 	if err != nil {
 		return err
 	}
 	defer q.Close()
 	status, err := waitPostcopyPaused(ctx, q)
 	if err != nil {
-		return control.Errorf(control.CodeVMFailed, "VM %q: %w", vm, err)
+		return control.Errorf(codeOf(err), "VM %q: %w", vm, err)
 	}
 	if status == qmp.MigrationPostcopyRecover {
 		return nil // the source's channel is back already
@@ -287,7 +327,7 @@ func waitPostcopyPaused(ctx context.Context, q *qmp.Client) (string, error) {
 // is stopped if the VM's QEMU is still there. (QEMU cannot take back a
 // migrate-incoming; a destination whose incoming migration failed exits.)
 func (c *Controller) AbortIncoming(ctx context.Context, vm, session string) error {
-	st, err := c.acquire(vm, session, false)
+	st, err := c.acquire(vm, session, "", false)
 	if errors.Is(err, control.ErrNotPrepared) {
 		return nil // nothing to undo
 	}
@@ -299,26 +339,33 @@ func (c *Controller) AbortIncoming(ctx context.Context, vm, session string) erro
 	return nil
 }
 
-// SessionEnded aborts a VM still prepared for the session.
+// SessionEnded gives up every VM still prepared for the session. A VM
+// whose operation is running is marked, and given up when it ends.
 func (c *Controller) SessionEnded(session string) {
+	type held struct {
+		vm string
+		in *incoming
+	}
+	var idle []held
 	c.mu.Lock()
-	var vm string
-	var st *incoming
 	for name, in := range c.incoming {
-		if in.session == session && !in.busy {
-			vm, st = name, in
+		switch {
+		case in.session != session:
+		case in.busy:
+			in.ended = true
+		default:
 			in.busy = true
+			idle = append(idle, held{name, in})
 		}
 	}
 	c.mu.Unlock()
-	if st == nil {
-		return
+	for _, h := range idle {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		c.log.Warn("session ended with its VM still prepared; aborting", "vm", h.vm, "session", session)
+		c.abort(ctx, h.vm, h.in)
+		cancel()
+		c.release(h.vm, h.in, true)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	c.log.Warn("session ended with its VM still prepared; aborting", "vm", vm, "session", session)
-	c.abort(ctx, vm, st)
-	c.release(vm, st, true)
 }
 
 func (c *Controller) abort(ctx context.Context, vm string, st *incoming) {
@@ -327,9 +374,9 @@ func (c *Controller) abort(ctx context.Context, vm string, st *incoming) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
-	q, err := c.dial(ctx, vm)
+	q, err := c.dial(ctx, vm, st.cfg)
 	if err != nil {
-		c.log.Info("abort: the VM's QEMU is gone", "vm", vm, "err", err.Error())
+		c.log.Info("abort: the VM's QEMU is gone", "vm", vm)
 		return
 	}
 	defer q.Close()

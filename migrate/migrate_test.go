@@ -112,7 +112,8 @@ func TestEndpointURI(t *testing.T) {
 // touching any socket.
 func TestControllerRefuses(t *testing.T) {
 	c := NewController(map[string]VMConfig{"vm1": {QMP: "/nonexistent/qmp"}}, nil)
-	ctx := context.Background()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
 	if _, err := c.PrepareIncoming(ctx, "vm2", Incoming{Session: "s1"}); !errors.Is(err, control.ErrNotFound) ||
 		!strings.Contains(err.Error(), `unknown VM "vm2" on this host`) {
 		t.Fatalf("unknown VM: %v", err)
@@ -127,10 +128,10 @@ func TestControllerRefuses(t *testing.T) {
 		t.Fatalf("abort unprepared: %v", err)
 	}
 	// A VM held by one session is refused to another.
-	if _, err := c.acquire("vm1", "s1", true); err != nil {
+	if _, err := c.acquire("vm1", "s1", "host-a", true); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.acquire("vm1", "s2", true); !errors.Is(err, control.ErrBusy) {
+	if _, err := c.acquire("vm1", "s2", "host-a", true); !errors.Is(err, control.ErrBusy) {
 		t.Fatalf("second session: %v", err)
 	}
 }
@@ -152,6 +153,12 @@ func TestVMBoundToPeers(t *testing.T) {
 	if _, err := c.ServeVM(ctx, opPrepare, sess, json.RawMessage(`{"vm":"web1","prepare":{"disks":[{"node":"d","size":1}]}}`)); !errors.Is(err, control.ErrBadRequest) ||
 		!strings.Contains(err.Error(), "no nbd channel") {
 		t.Errorf("disks without an nbd channel: %v", err)
+	}
+	// A main channel on a shared route (not the session's own socket) is
+	// refused: another session's streams would reach the VM.
+	if _, err := c.ServeVM(ctx, opPrepare, sess, json.RawMessage(`{"vm":"web1"}`)); !errors.Is(err, control.ErrForbidden) ||
+		!strings.Contains(err.Error(), "own sockets") {
+		t.Errorf("a shared main route: %v, want code forbidden", err)
 	}
 	if _, err := c.ServeVM(ctx, "reboot", sess, json.RawMessage(`{"vm":"web1"}`)); !errors.Is(err, control.ErrBadRequest) {
 		t.Errorf("unknown operation: %v", err)
@@ -235,5 +242,30 @@ func TestWantCapsNoPreempt(t *testing.T) {
 		if got := fmt.Sprint(r.wantCaps(tc.off)); got != tc.want {
 			t.Errorf("%+v, offered %v: %s, want %s", tc.o, tc.off, got, tc.want)
 		}
+	}
+}
+
+// TestSessionEndedDuringOperation: a session that ends while an operation
+// on its VM runs leaves the VM free once the operation ends, for the next
+// session; every VM of an ended session is freed.
+func TestSessionEndedDuringOperation(t *testing.T) {
+	c := NewController(map[string]VMConfig{"a": {QMP: "/nonexistent/a"}, "b": {QMP: "/nonexistent/b"}}, nil)
+	st, err := c.acquire("a", "s1", "", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// b is prepared for s1 and idle.
+	stb, err := c.acquire("b", "s1", "", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.release("b", stb, false)
+	c.SessionEnded("s1") // a is busy: marked; b: freed now
+	if _, err := c.acquire("b", "s2", "", true); err != nil {
+		t.Fatalf("b after its session ended: %v", err)
+	}
+	c.release("a", st, false) // the operation succeeded, but its session is gone
+	if _, err := c.acquire("a", "s2", "", true); err != nil {
+		t.Fatalf("a after its session ended during an operation: %v", err)
 	}
 }

@@ -98,7 +98,9 @@ func (c *Controller) RegisterVM(info control.VMInfo) error {
 			return control.Errorf(control.CodeBadRequest, "VM %q: an empty peer name", info.Name)
 		}
 	}
-	if c.held(info.Name) {
+	c.mu.Lock() // held by no session while it changes
+	defer c.mu.Unlock()
+	if c.incoming[info.Name] != nil {
 		return control.Errorf(control.CodeBusy, "VM %q is being migrated into; replace it when that ends", info.Name)
 	}
 	c.reg.mu.Lock()
@@ -111,7 +113,9 @@ func (c *Controller) RegisterVM(info control.VMInfo) error {
 // RemoveVM forgets a VM registered at run time or by flag; one being
 // migrated into is refused.
 func (c *Controller) RemoveVM(name string) error {
-	if c.held(name) {
+	c.mu.Lock() // held by no session while it changes
+	defer c.mu.Unlock()
+	if c.incoming[name] != nil {
 		return control.Errorf(control.CodeBusy, "VM %q is being migrated into; remove it when that ends", name)
 	}
 	c.reg.mu.Lock()
@@ -122,13 +126,6 @@ func (c *Controller) RemoveVM(name string) error {
 	delete(c.reg.vms, name)
 	delete(c.reg.source, name)
 	return nil
-}
-
-// held reports whether a session holds the VM.
-func (c *Controller) held(name string) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.incoming[name] != nil
 }
 
 // allow returns the VM of that name if peer may migrate into it.

@@ -135,13 +135,18 @@ func (c *Controller) ServeVM(ctx context.Context, op string, sess proxy.VMSessio
 		if in.NBD.IsZero() && len(in.Disks) > 0 {
 			return nil, control.Errorf(control.CodeBadRequest, "disks to copy but the session has no nbd channel")
 		}
+		// A shared route would let another session's streams reach this
+		// VM's migration socket or NBD export.
+		if !sess.Own["main"] || len(in.Disks) > 0 && !sess.Own["nbd"] {
+			return nil, control.Errorf(control.CodeForbidden, "VM %q takes migrations only on its session's own sockets: this host must route main and nbd to session", req.VM)
+		}
 		return c.PrepareIncoming(ctx, req.VM, in)
 	case opFinish:
 		return c.FinishIncoming(ctx, req.VM, sess.ID, req.Resume)
 	case opRecover:
 		main := sess.Targets["main"]
-		if main.IsZero() {
-			return nil, control.Errorf(control.CodeBadRequest, "the session has no main channel")
+		if main.IsZero() || !sess.Own["main"] {
+			return nil, control.Errorf(control.CodeBadRequest, "the session has no main channel of its own")
 		}
 		return nil, c.RecoverIncoming(ctx, req.VM, sess.ID, req.Pause, main)
 	case opAbort:

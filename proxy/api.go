@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
@@ -13,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/migtun/migtun/control"
@@ -218,10 +220,24 @@ func (s *Server) ListenControl(ep endpoint.Endpoint, auth ControlAuth) (net.Addr
 	}
 	if ta, ok := ln.Addr().(*net.TCPAddr); ok && len(auth.Hosts) == 0 {
 		port := strconv.Itoa(ta.Port)
-		auth.Hosts = []string{ln.Addr().String(), "localhost:" + port, "127.0.0.1:" + port, "[::1]:" + port}
+		auth.Hosts = []string{"localhost:" + port, "localhost"}
 	}
 	s.ServeControl(ln, auth)
 	return ln.Addr(), nil
+}
+
+// hostAllowed reports whether a request's Host header names this endpoint:
+// "migtun" (the client's own), one of hosts, or an IP address literal. DNS
+// rebinding needs a name the attacker controls, so an address is safe.
+func hostAllowed(host string, hosts []string) bool {
+	if strings.EqualFold(host, "migtun") || slices.ContainsFunc(hosts, func(h string) bool { return strings.EqualFold(h, host) }) {
+		return true
+	}
+	name := host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		name = h
+	}
+	return net.ParseIP(strings.Trim(name, "[]")) != nil
 }
 
 // guard checks each request's token, Host and body type before h sees it,
@@ -230,13 +246,16 @@ func guard(h http.Handler, auth ControlAuth) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if auth.Token != "" {
 			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-			if !ok || subtle.ConstantTimeCompare([]byte(got), []byte(auth.Token)) != 1 {
+			// Digests of equal length: the comparison says nothing of the
+			// token's length either.
+			gotSum, wantSum := sha256.Sum256([]byte(got)), sha256.Sum256([]byte(auth.Token))
+			if !ok || subtle.ConstantTimeCompare(gotSum[:], wantSum[:]) != 1 {
 				w.Header().Set("WWW-Authenticate", `Bearer realm="migtun"`)
 				writeError(w, control.Errorf(control.CodeUnauthorized, "the control endpoint wants its token: Authorization: Bearer TOKEN (migtun's --control-token-file)"))
 				return
 			}
 		}
-		if len(auth.Hosts) > 0 && r.Host != "migtun" && !slices.Contains(auth.Hosts, r.Host) {
+		if len(auth.Hosts) > 0 && !hostAllowed(r.Host, auth.Hosts) {
 			writeError(w, control.Errorf(control.CodeBadRequest, "Host %q is not this control endpoint's", r.Host))
 			return
 		}
@@ -271,6 +290,15 @@ func (s *Server) serveHTTP(ln net.Listener, h http.Handler) {
 	hs := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
 		IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 64 << 10,
 		BaseContext: func(net.Listener) context.Context { return s.ctx }}
+	// The handlers' requests end with the server's context (BaseContext);
+	// they are counted so that stopping waits for them too.
+	var handlers sync.WaitGroup
+	inner := hs.Handler
+	hs.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		handlers.Add(1)
+		defer handlers.Done()
+		inner.ServeHTTP(w, r)
+	})
 	s.wg.Go(func() {
 		hs.Serve(ln) // ends when Shutdown closes ln
 	})
@@ -278,6 +306,9 @@ func (s *Server) serveHTTP(ln net.Listener, h http.Handler) {
 		<-s.ctx.Done()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		hs.Shutdown(ctx)
+		if hs.Shutdown(ctx) != nil {
+			hs.Close()
+		}
+		handlers.Wait()
 	})
 }

@@ -100,7 +100,14 @@ var errBadControl = errors.New("bad control message")
 
 // readMessage reads one length-prefixed JSON message into v, refusing
 // anything over maxControlBody, unknown fields and trailing data.
-func readMessage(r io.Reader, v any) error {
+func readMessage(r io.Reader, v any) error { return decodeMessage(r, v, true) }
+
+// readResponse is readMessage for a peer's answer, which may carry fields
+// a newer migtun added: they are ignored, so that an error's text still
+// reaches this host.
+func readResponse(r io.Reader, v *controlResponse) error { return decodeMessage(r, v, false) }
+
+func decodeMessage(r io.Reader, v any, strict bool) error {
 	var n [4]byte
 	if _, err := io.ReadFull(r, n[:]); err != nil {
 		return fmt.Errorf("%w: reading length: %v", errBadControl, err)
@@ -114,7 +121,9 @@ func readMessage(r io.Reader, v any) error {
 		return fmt.Errorf("%w: reading body: %v", errBadControl, err)
 	}
 	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.DisallowUnknownFields()
+	if strict {
+		dec.DisallowUnknownFields()
+	}
 	if err := dec.Decode(v); err != nil {
 		return fmt.Errorf("%w: %v", errBadControl, err)
 	}
@@ -160,7 +169,10 @@ func (s *Server) callPeer(ctx context.Context, addr string, req controlRequest) 
 	defer stop()
 	exchange := func(what string, err error) error {
 		code := control.CodeUnavailable
-		if ctx.Err() != nil {
+		switch {
+		case s.ctx.Err() != nil:
+			code = control.CodeShuttingDown
+		case ctx.Err() != nil:
 			code = control.CodeTimeout
 		}
 		return &control.Error{Code: code, Message: fmt.Sprintf("peer %s: %s %s: %v", addr, what, req.Op, err), Peer: addr}
@@ -169,7 +181,7 @@ func (s *Server) callPeer(ctx context.Context, addr string, req controlRequest) 
 		return nil, exchange("sending", err)
 	}
 	var resp controlResponse
-	if err := readMessage(st, &resp); err != nil {
+	if err := readResponse(st, &resp); err != nil {
 		return nil, exchange("answer to", err)
 	}
 	if resp.Error != "" {

@@ -74,6 +74,13 @@ func TestReadMessageLimits(t *testing.T) {
 	if err := readMessage(&buf, &controlRequest{}); !errors.Is(err, errBadControl) {
 		t.Fatalf("unknown field: %v", err)
 	}
+	// An answer's unknown field is ignored: its error text still arrives.
+	buf.Reset()
+	writeMessage(&buf, map[string]any{"error": "no route", "code": "not_found", "added_later": 1})
+	var resp controlResponse
+	if err := readResponse(&buf, &resp); err != nil || resp.Error != "no route" {
+		t.Fatalf("an answer with a field added later: %+v %v", resp, err)
+	}
 	buf.Reset()
 	body := []byte(`{"op":"abort"}{"op":"prepare"}`)
 	buf.Write(binary.BigEndian.AppendUint32(nil, uint32(len(body))))

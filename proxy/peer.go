@@ -2,11 +2,13 @@ package proxy
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/migtun/migtun/control"
+	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/tunnel"
 )
 
@@ -136,10 +138,10 @@ func (s *Server) handlePeer(ctx context.Context, peer string, req controlRequest
 		s.endSession(ctx, sess, control.StateAborted, "aborted by the source: "+req.Reason, false)
 		return controlResponse{}
 	}
-	if !sess.setState(control.StateFinishing, "") {
-		return failed(control.Errorf(control.CodeNotFound, "session %s has ended already", req.Session))
+	if err := sess.startFinish(); err != nil {
+		return failed(err)
 	}
-	aborted := sess.drain(s.cfg.FinishGrace)
+	aborted := sess.drain(ctx, s.cfg.FinishGrace)
 	info := sess.info()
 	s.endSession(ctx, sess, control.StateFinished, "", false)
 	s.log.Info("session finished", "session", req.Session, "peer", peer, "aborted_streams", aborted)
@@ -180,11 +182,11 @@ func (s *Server) preparePeer(peer string, req controlRequest) controlResponse {
 		if !ok {
 			return failed(control.Errorf(control.CodeNotFound, "no route for channel %q on this host", name))
 		}
-		target := rt.Target
-		if target == SessionSocket {
-			target.Network, target.Address = "unix", s.sessionSocketPath(sess, name)
+		target, own := rt.Target, rt.Target == SessionSocket
+		if own {
+			target = endpoint.Unix(s.sessionSocketPath(sess, name))
 		}
-		sess.addChannel(&sessionChannel{name: name, target: target})
+		sess.addChannel(&sessionChannel{name: name, target: target, own: own})
 	}
 	if err := s.sessions.add(sess, s.cfg.MaxSessions, s.cfg.MaxPeerSessions); err != nil {
 		return failed(err)
@@ -195,9 +197,15 @@ func (s *Server) preparePeer(peer string, req controlRequest) controlResponse {
 }
 
 // warn logs a warning about a peer's traffic at most once a second per
-// message, counting the ones it leaves out.
+// message and reason, counting the ones it leaves out.
 func (s *Server) warn(msg string, args ...any) {
-	if n, ok := s.warnLimit.allow(msg); ok {
+	key := msg
+	for i := 0; i+1 < len(args); i += 2 {
+		if args[i] == "reason" {
+			key += "/" + fmt.Sprint(args[i+1]) // one allowance per reason
+		}
+	}
+	if n, ok := s.warnLimit.allow(key); ok {
 		if n > 0 {
 			args = append(args, "suppressed", n)
 		}

@@ -57,12 +57,15 @@ type session struct {
 	relays   map[*activeRelay]struct{}
 	wg       sync.WaitGroup             // relays of the session
 	progress *control.MigrationProgress // reported by migtun migrate on the source
+	// expiredHere is set by expireIfDue until the end it started claims it.
+	expiredHere bool
 }
 
 // sessionChannel is one channel of a session.
 type sessionChannel struct {
 	name   string
 	target endpoint.Endpoint // destination: where streams go
+	own    bool              // destination: target is the session's own socket
 	fwd    *forwarder        // source: the local listener
 	uri    string
 	lvURI  string
@@ -132,15 +135,46 @@ func (s *session) watchExpiry(expire func(reason string)) {
 			return
 		case <-s.idle:
 		case <-t.C:
-			s.mu.Lock()
-			due := !s.expires.IsZero() && !time.Now().Before(s.expires)
-			s.mu.Unlock()
-			if due {
+			// Decided and done under one lock: a stream that arrives now
+			// either counts (and there is no expiry) or finds it ended.
+			if s.expireIfDue() {
 				expire(fmt.Sprintf("no stream for %v", s.ttl))
 				return
 			}
 		}
 	}
+}
+
+// expireIfDue moves the session to expired if its expiry has come, in one
+// step with the check; it reports whether it did. The caller then releases
+// what the session holds (see Server.endSession).
+func (s *session) expireIfDue() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.state.Ended() || s.expires.IsZero() || time.Now().Before(s.expires) {
+		return false
+	}
+	s.state, s.err = control.StateExpired, fmt.Sprintf("no stream for %v", s.ttl)
+	s.expires = time.Time{}
+	s.expiredHere = true
+	close(s.done)
+	s.cancel()
+	return true
+}
+
+// startFinish moves an open session to finishing; a second finish, or one
+// of an ended session, is refused.
+func (s *session) startFinish() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case s.state == control.StateFinishing:
+		return control.Errorf(control.CodeBusy, "session %s is being finished already", s.idString())
+	case s.state.Ended():
+		return control.Errorf(control.CodeNotFound, "session %s has ended already", s.idString())
+	}
+	s.state, s.expires = control.StateFinishing, time.Time{}
+	return nil
 }
 
 // reserveStream counts a new stream of the session before anything is
@@ -228,12 +262,24 @@ func (s *session) setState(st control.State, err string) bool {
 // (removing their socket files), aborts its streams and waits for them. It
 // reports false if the session had ended already.
 func (s *session) end(st control.State, reason string) bool {
-	if !s.setState(st, reason) {
+	if !s.setState(st, reason) && !s.claimExpiry(st) {
 		return false
 	}
 	s.closeListeners()
 	s.abortRelays()
 	s.wg.Wait()
+	return true
+}
+
+// claimExpiry reports, once, whether an end in state expired follows the
+// session's own expireIfDue, whose state change is already made.
+func (s *session) claimExpiry(st control.State) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st != control.StateExpired || !s.expiredHere {
+		return false
+	}
+	s.expiredHere = false
 	return true
 }
 
@@ -255,9 +301,10 @@ func (s *session) abortRelays() {
 	}
 }
 
-// drain waits up to grace for the session's relays to end by themselves,
-// then aborts the rest and waits for them. It returns how many it aborted.
-func (s *session) drain(grace time.Duration) int {
+// drain waits up to grace (and while ctx lasts) for the session's relays
+// to end by themselves, then aborts the rest and waits for them. It returns
+// how many it aborted.
+func (s *session) drain(ctx context.Context, grace time.Duration) int {
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }() // ends when the relays do, below at the latest
 	t := time.NewTimer(grace)
@@ -266,6 +313,7 @@ func (s *session) drain(grace time.Duration) int {
 	case <-done:
 		return 0
 	case <-t.C:
+	case <-ctx.Done():
 	}
 	s.mu.Lock()
 	n := len(s.relays)

@@ -20,6 +20,7 @@ type sessions struct {
 	mu      sync.Mutex
 	open    map[tunnel.SessionID]*session
 	history []control.SessionInfo // ended sessions, oldest first
+	closed  bool                  // the server is stopping: no more sessions
 }
 
 func (r *sessions) get(id tunnel.SessionID) *session {
@@ -35,6 +36,9 @@ func (r *sessions) add(s *session, max, perPeer int) error {
 	defer r.mu.Unlock()
 	if r.open == nil {
 		r.open = make(map[tunnel.SessionID]*session)
+	}
+	if r.closed {
+		return control.Errorf(control.CodeShuttingDown, "migtun is shutting down")
 	}
 	if len(r.open) >= max {
 		return control.Errorf(control.CodeLimit, "session limit reached: %d sessions are open", len(r.open))
@@ -70,6 +74,14 @@ func (r *sessions) release(s *session) {
 	if len(r.history) > historySize {
 		r.history = append(r.history[:0], r.history[len(r.history)-historySize:]...)
 	}
+}
+
+// close refuses new sessions from now on and returns the open ones.
+func (r *sessions) close() []*session {
+	r.mu.Lock()
+	r.closed = true
+	r.mu.Unlock()
+	return r.all()
 }
 
 func (r *sessions) all() []*session {
@@ -240,11 +252,11 @@ func (s *Server) Finish(ctx context.Context, id string, grace time.Duration) (*c
 	if sess.role != control.RoleSource {
 		return nil, control.Errorf(control.CodeBadRequest, "finish is asked of the source host; this host is the session's destination")
 	}
-	if !sess.setState(control.StateFinishing, "") {
-		return nil, control.Errorf(control.CodeNotFound, "no such session: %s", id)
+	if err := sess.startFinish(); err != nil {
+		return nil, err
 	}
 	sess.closeListeners()
-	rep := &control.FinishReport{Aborted: sess.drain(grace)}
+	rep := &control.FinishReport{Aborted: sess.drain(ctx, grace)}
 	resp, err := s.callPeer(ctx, sess.peer, controlRequest{Op: opFinish, Session: id, Token: sess.tokenString()})
 	if err != nil {
 		s.endSession(ctx, sess, control.StateAborted, "finish: "+err.Error(), false)
@@ -312,7 +324,7 @@ func (s *Server) endSession(ctx context.Context, sess *session, st control.State
 // all have ended.
 func (s *Server) endAllSessions(ctx context.Context) {
 	var wg sync.WaitGroup
-	for _, sess := range s.sessions.all() {
+	for _, sess := range s.sessions.close() {
 		wg.Go(func() { s.endSession(ctx, sess, control.StateAborted, "migtun is stopping", true) })
 	}
 	wg.Wait()

@@ -57,6 +57,9 @@ type VMSession struct {
 	// by channel name (main: QEMU's migrate-incoming address, nbd: its NBD
 	// server's).
 	Targets map[string]endpoint.Endpoint
+	// Own says, by channel name, that the target is the session's own
+	// socket (a CHANNEL=session route), which no other session reaches.
+	Own map[string]bool
 }
 
 // handleVM serves a VM operation of the peer that prepared sess.
@@ -70,12 +73,16 @@ func (s *Server) handleVM(ctx context.Context, sess *session, req controlRequest
 	}
 	// QEMU creates the session's sockets in this host's socket directory.
 	if err := s.ensureSocketDir(); err != nil {
-		return failed(err)
+		s.log.Error("socket directory", "err", err.Error())
+		return failed(control.Errorf(control.CodeInternal, "the destination's socket directory is not usable (its log says why)"))
 	}
-	vs := VMSession{ID: sess.idString(), Peer: sess.peer, Targets: map[string]endpoint.Endpoint{}}
+	vs := VMSession{ID: sess.idString(), Peer: sess.peer, Targets: map[string]endpoint.Endpoint{}, Own: map[string]bool{}}
 	for _, c := range sess.order {
-		vs.Targets[c.name] = c.target
+		vs.Targets[c.name], vs.Own[c.name] = c.target, c.own
 	}
+	// The operation ends with the session too.
+	ctx, cancel := sess.within(ctx)
+	defer cancel()
 	out, err := s.cfg.VMs.ServeVM(ctx, op, vs, req.VM)
 	if err != nil {
 		return failed(err)

@@ -419,12 +419,18 @@ func checkControlDir(dir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	fi, err := os.Stat(dir)
+	fi, err := os.Lstat(dir)
 	if err != nil {
 		return err
 	}
-	if fi.Mode().Perm()&0o077 != 0 {
+	switch {
+	case fi.Mode()&os.ModeSymlink != 0:
+		return fmt.Errorf("the control socket's directory %s is a symlink; give the directory itself", dir)
+	case fi.Mode().Perm()&0o077 != 0:
 		return fmt.Errorf("the control socket's directory %s has mode %04o: others may enter it; put the socket in a directory only migtun's user can enter (such as the socket directory)", dir, fi.Mode().Perm())
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
+		return fmt.Errorf("the control socket's directory %s is owned by uid %d, not by migtun's user (uid %d)", dir, st.Uid, os.Geteuid())
 	}
 	return nil
 }
