@@ -9,7 +9,7 @@ FUZZTIME ?= 60s
 BIN      := bin/migtun
 VERSION  := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 
-.PHONY: all build deps demo test check vet unit bench-smoke fuzz clean image deploy-test
+.PHONY: all build deps demo test check vet unit bench-smoke fuzz clean image deploy-test man
 
 all: build
 
@@ -19,6 +19,10 @@ build:
 deps:
 	./scripts/deps.sh
 	$(GO) mod download
+
+# Man pages, one per command, from the commands' own flags.
+man: build
+	$(BIN) man --dir bin/man
 
 demo: deps build
 	$(GO) run ./internal/demo --migtun $(BIN)

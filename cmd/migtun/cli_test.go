@@ -118,3 +118,50 @@ func TestVirshArgs(t *testing.T) {
 		t.Errorf("direct:\n got %s\nwant %s", direct, want)
 	}
 }
+
+// TestCompletionAndMan: the completion scripts and man pages are made from
+// the commands' own flags, and mistyped commands and flags get a
+// suggestion.
+func TestCompletionAndMan(t *testing.T) {
+	for _, shell := range []string{"bash", "zsh", "fish"} {
+		out, _, err := runCLI("completion", shell)
+		if err != nil || !strings.Contains(out, "migtun") || !strings.Contains(out, "__complete") {
+			t.Errorf("completion %s: %v\n%.200s", shell, err, out)
+		}
+	}
+	out, _, err := runCLI("__complete", "serve", "--control")
+	for _, want := range []string{"--control\t", "--control-listen\t", "--control-token-file\t"} {
+		if err != nil || !strings.Contains(out, want) {
+			t.Errorf("completing serve --control: %v, no %q in\n%s", err, want, out)
+		}
+	}
+	if out, _, err := runCLI("__complete", "session", "pre"); err != nil || !strings.Contains(out, "prepare") {
+		t.Errorf("completing session pre: %v\n%s", err, out)
+	}
+	dir := t.TempDir()
+	if _, _, err := runCLI("man", "--dir", dir); err != nil {
+		t.Fatal(err)
+	}
+	page, err := os.ReadFile(filepath.Join(dir, "migtun-serve.1"))
+	if err != nil || !bytes.Contains(page, []byte("control-token-file")) || !bytes.Contains(page, []byte("MIGTUN")) {
+		t.Errorf("migtun-serve.1: %v\n%.300s", err, page)
+	}
+	for _, name := range []string{"migtun.1", "migtun-migrate.1", "migtun-session-prepare.1", "migtun-vm-add.1"} {
+		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
+			t.Error(err)
+		}
+	}
+	if _, _, err := runCLI("serv"); err == nil || !strings.Contains(err.Error(), `did you mean "serve"`) {
+		t.Errorf("a mistyped command: %v", err)
+	}
+	if _, stderr, err := runCLI("serve", "--listne", "x"); err == nil || !strings.Contains(stderr, "Did you mean --listen?") {
+		t.Errorf("a mistyped flag: %v\n%s", err, stderr)
+	}
+	// --help groups the flags by purpose and writes them as they are typed.
+	_, stderr, _ := runCLI("serve", "--help")
+	for _, want := range []string{"The tunnel port:", "Control and metrics:", "  --listen VALUE", "  --insecure-plaintext\n"} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("serve --help lacks %q:\n%s", want, stderr)
+		}
+	}
+}

@@ -13,6 +13,8 @@
 //	migtun migrate --control unix:PATH --peer HOST:PORT --qmp unix:SRC_QMP --dest-vm NAME [flags]
 //	migtun vm list|add|remove --control unix:PATH [NAME [unix:QMP_PATH]] [--peer NAME]...
 //	migtun bench [--transport tls,quic,plain] [--streams 1,4] [--size 4GiB] [--json] [--svg FILE]
+//	migtun completion bash|zsh|fish
+//	migtun man --dir DIR
 //	migtun version
 //
 // Run "migtun COMMAND --help" for the flags of a command.
@@ -67,6 +69,8 @@ Usage:
   migtun migrate ...                            live-migrate a QEMU VM, disks included, through a peer
   migtun vm list|add|remove ...                 the VMs a destination's peers may migrate into
   migtun bench ...                              measure throughput and CPU per path
+  migtun completion bash|zsh|fish               print a shell completion script
+  migtun man --dir DIR                          write the man pages
   migtun version                                print the version
 
 Run "migtun COMMAND --help" for the flags of a command.
@@ -91,15 +95,18 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return runVM(args[1:], stdout, stderr)
 	case "bench":
 		return runBench(args[1:], stdout, stderr)
+	case "man":
+		return runMan(args[1:], stdout, stderr)
+	case "completion", "__complete", "__completeNoDesc":
+		return runCobra(args, stdout, stderr)
 	case "version", "--version", "-version":
-		fmt.Fprintln(stdout, "migtun", versionString())
-		return nil
+		return runVersion(nil, stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
 	}
 	fmt.Fprint(stderr, usage)
-	return fmt.Errorf("unknown command %q", args[0])
+	return fmt.Errorf("unknown command %q%s", args[0], suggest(args[0]))
 }
 
 func versionString() string {
@@ -110,32 +117,6 @@ func versionString() string {
 		return bi.Main.Version
 	}
 	return "dev"
-}
-
-// newFlagSet returns a flag set that reports errors instead of exiting and
-// prints its usage to stderr.
-func newFlagSet(name, synopsis string, stderr io.Writer) *flag.FlagSet {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: migtun %s\n\nFlags:\n", synopsis)
-		fs.PrintDefaults()
-	}
-	return fs
-}
-
-// parse parses args and refuses positional arguments that are left over.
-func parse(fs *flag.FlagSet, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return err
-		}
-		return errReported
-	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("%s: unexpected argument %q (flags are written --name value)", fs.Name(), fs.Arg(0))
-	}
-	return nil
 }
 
 // listFlag is a repeatable string flag.
