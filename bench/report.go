@@ -90,6 +90,14 @@ func (t Target) String() string {
 	return s + fmt.Sprintf("%.2f× missed by %.0f%%", t.Got, 100*by)
 }
 
+// NewPeerReport is the report of a RunPeer to peer: no baselines and no
+// targets, since only the real path is measured.
+func NewPeerReport(size int64, results []Result, peer string) Report {
+	r := newReport(size, results, nil)
+	r.CPUNote = "CPU s/GB: this host's side of the path — the local migtun serve (utime+stime from /proc/PID/stat) plus the in-process sender (getrusage RUSAGE_SELF); relay CPU: the local migtun serve only. The peer " + peer + " counted every byte (its bench sink reports its count back). MB = 10^6 bytes, GB = 10^9 bytes."
+	return r
+}
+
 // NewReport computes the ratios and targets of a Run's results.
 func NewReport(size int64, results []Result) Report {
 	return newReport(size, results, streamTargets)
@@ -239,7 +247,10 @@ func WriteTable(w io.Writer, r Report) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\t%s\n", p.Path, mbps, cpu, relayCPU, strings.Join(rs, "  "))
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "\n%s\n\ntargets:\n", r.CPUNote)
+	fmt.Fprintf(w, "\n%s\n", r.CPUNote)
+	if len(r.Targets) > 0 {
+		fmt.Fprintf(w, "\ntargets:\n")
+	}
 	for _, t := range r.Targets {
 		fmt.Fprintf(w, "  %s\n", t)
 	}

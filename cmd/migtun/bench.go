@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/migtun/migtun/bench"
+	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/internal/linkemu"
 )
 
@@ -43,8 +44,15 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	limit := fs.Duration("limit", 0, "cut a path short after this long and report its rate so far (default with --link: 60s; 0 without: none)")
 	var serveFlags listFlag
 	fs.Var(&serveFlags, "serve-flag", "a flag for every \"migtun serve\" of the migtun paths, e.g. --serve-flag=--tcp-congestion=cubic (repeatable)")
+	peer := fs.String("peer", "", "measure the real path to a peer's migtun serve --bench-sink at HOST:PORT instead (with --cert, --key and --ca of this host)")
+	cert := fs.String("cert", "", "with --peer: this host's certificate")
+	key := fs.String("key", "", "with --peer: this host's key")
+	ca := fs.String("ca", "", "with --peer: the CA")
 	if err := parse(fs, args); err != nil {
 		return err
+	}
+	if *peer != "" {
+		return benchPeer(*peer, *cert, *key, *ca, *transports, *streams, *size, *asJSON, *stall, serveFlags, stdout, stderr)
 	}
 	cfg := bench.Config{Transports: splitBenchList(*transports), Stall: *stall, Dir: *dir, ServeArgs: serveFlags, Limit: *limit}
 	var linkCfg linkemu.Config
@@ -206,4 +214,52 @@ func runBenchRelay(args []string, stdout, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	return bench.ServeRelay(ctx, cfg, stdout)
+}
+
+// benchPeer measures the real path to a peer's bench sink.
+func benchPeer(peer, cert, key, ca, transports, streams, size string, asJSON bool, stall time.Duration, serveFlags []string, stdout, stderr io.Writer) error {
+	if err := endpoint.CheckHostPort(peer); err != nil {
+		return fmt.Errorf("bench: --peer %q: %w", peer, err)
+	}
+	if err := required("bench --peer", map[string]string{"cert": cert, "key": key, "ca": ca}, "cert", "key", "ca"); err != nil {
+		return err
+	}
+	cfg := bench.PeerConfig{Peer: peer, Cert: cert, Key: key, CA: ca, Transports: splitBenchList(transports), Stall: stall, ServeArgs: serveFlags}
+	for _, s := range splitBenchList(streams) {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 || n > 256 {
+			return fmt.Errorf("bench: --streams %q: want comma-separated counts from 1 to 256", streams)
+		}
+		cfg.Streams = append(cfg.Streams, n)
+	}
+	n, err := bench.ParseSize(size)
+	if err != nil {
+		return fmt.Errorf("bench: --size: %w", err)
+	}
+	cfg.Size = n
+	if cfg.Migtun, err = os.Executable(); err != nil {
+		return fmt.Errorf("bench: finding the migtun binary: %w", err)
+	}
+	cfg.Progress = benchProgress(stderr)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	results, err := bench.RunPeer(ctx, cfg)
+	if err != nil {
+		return fmt.Errorf("bench: %w", err)
+	}
+	rep := bench.NewPeerReport(cfg.Size, results, peer)
+	if asJSON {
+		err = bench.WriteJSON(stdout, rep)
+	} else {
+		err = bench.WriteTable(stdout, rep)
+	}
+	if err != nil {
+		return err
+	}
+	for _, r := range results {
+		if r.Err != "" {
+			return errors.New("bench: some paths failed")
+		}
+	}
+	return nil
 }

@@ -58,6 +58,8 @@ type serveConfig struct {
 	Control           string                      `json:"control"`
 	ControlListen     string                      `json:"control_listen"`
 	ControlTokenFile  string                      `json:"control_token_file"`
+	BenchSink         bool                        `json:"bench_sink"`
+	BenchSinkMax      int64                       `json:"bench_sink_max_bytes"`
 	MetricsListen     string                      `json:"metrics_listen"`
 	SocketDir         string                      `json:"socket_dir"`
 	SessionTTL        time.Duration               `json:"session_ttl"`
@@ -117,6 +119,15 @@ func runServe(args []string, stdout, stderr io.Writer) error {
 		srv.Close()
 		return fmt.Errorf("serve: %w", err)
 	}
+	if cfg.BenchSink {
+		ln, err := endpoint.Unix(cfg.benchSinkPath()).Listen()
+		if err != nil {
+			srv.Close()
+			return fmt.Errorf("serve: --bench-sink: %w", err)
+		}
+		log.Warn("bench sink on: authenticated peers may push data to this host to measure the path", "channel", bench.PeerSinkChannel)
+		watch.Go(func() { bench.ServeSink(ctx, ln, bench.SinkLimits{MaxBytes: cfg.BenchSinkMax}) })
+	}
 	fmt.Fprintf(stdout, "migtun ready: listening on %s (%s); %d routes; forwards: [%s]; control: [%s]\n",
 		srv.Addr(), cfg.transport, len(cfg.routes), strings.Join(cfg.Forwards, " "), strings.Join(controls, " "))
 	<-ctx.Done()
@@ -172,6 +183,18 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 			}
 		}
 	}
+	if c.BenchSink {
+		// Authenticated peers may measure the path to this host: a discard
+		// sink, bounded per stream, on a channel of its own.
+		if c.SocketDir == "" {
+			var err error
+			if c.SocketDir, err = proxy.DefaultSocketDir(); err != nil {
+				return nil, fmt.Errorf("serve: --bench-sink: %w", err)
+			}
+		}
+		c.routes = append(c.routes, proxy.Route{Channel: bench.PeerSinkChannel,
+			Target: endpoint.Unix(c.benchSinkPath()), Sessionless: true})
+	}
 	// A host that takes sessions opens its routes only to them, unless a
 	// route says ",sessionless"; a host of static routes alone keeps them
 	// open to its peers' forwards.
@@ -192,6 +215,9 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 func (c *serveConfig) drivesVMs() bool {
 	return len(c.VMs) > 0 || c.QMPDir != "" || c.Control != "" || c.ControlListen != ""
 }
+
+// benchSinkPath is the socket of the bench sink.
+func (c *serveConfig) benchSinkPath() string { return filepath.Join(c.SocketDir, "bench-sink.sock") }
 
 // takesSessions reports whether the host serves migration sessions: it has
 // a control endpoint, a VM to drive or a CHANNEL=session route.
@@ -265,6 +291,8 @@ func (c *serveConfig) define(fs *flag.FlagSet) {
 	fs.DurationVar(&c.FinishGrace, "finish-grace", proxy.DefaultFinishGrace, "how long finish waits for a session's streams to end before aborting them")
 	fs.StringVar(&c.LogFormat, "log-format", "text", "log format: text, json, or journal (JSON behind the priority prefix systemd-journald reads)")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.BoolVar(&c.BenchSink, "bench-sink", false, "let authenticated peers measure the path to this host with migtun bench --peer: a discard sink on the channel "+bench.PeerSinkChannel+", each stream bounded by --bench-sink-max and 10 minutes (default: off)")
+	fs.Int64Var(&c.BenchSinkMax, "bench-sink-max", bench.DefaultSinkMaxBytes, "with --bench-sink, the most bytes one stream may send")
 	fs.BoolVar(&c.printConfig, "print-config", false, "print the effective settings as JSON and exit, opening nothing")
 }
 
