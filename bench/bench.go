@@ -127,6 +127,21 @@ type Result struct {
 	Err string `json:"error,omitempty"`
 }
 
+// setFigures records bytes moved in wall, the path's own CPU time relay
+// and the load generator's self, and the rates derived from them.
+func (r *Result) setFigures(bytes int64, wall, relay, self time.Duration) {
+	r.Bytes, r.Seconds = bytes, wall.Seconds()
+	r.RelayCPUSeconds = relay.Seconds()
+	r.CPUSeconds = r.RelayCPUSeconds + self.Seconds()
+	if r.Seconds > 0 {
+		r.MBps = float64(r.Bytes) / 1e6 / r.Seconds
+	}
+	if r.Bytes > 0 {
+		gb := float64(r.Bytes) / 1e9
+		r.CPUPerGB, r.RelayCPUPerGB = r.CPUSeconds/gb, r.RelayCPUSeconds/gb
+	}
+}
+
 // OK reports whether r holds a measurement.
 func (r Result) OK() bool { return r.Skipped == "" && r.Err == "" && r.Seconds > 0 }
 
@@ -398,18 +413,7 @@ func measure(ctx context.Context, cfg *Config, p path, e *env, index, total int)
 	report(true, wall)
 
 	res.Sent = sent.Load()
-	res.Bytes = sk.bytes.Load()
-	res.Seconds = wall.Seconds()
-	res.RelayCPUSeconds = (relay1 - relay0).Seconds()
-	res.CPUSeconds = res.RelayCPUSeconds + (self1 - self0).Seconds()
-	if res.Seconds > 0 {
-		res.MBps = float64(res.Bytes) / 1e6 / res.Seconds
-	}
-	if res.Bytes > 0 {
-		gb := float64(res.Bytes) / 1e9
-		res.CPUPerGB = res.CPUSeconds / gb
-		res.RelayCPUPerGB = res.RelayCPUSeconds / gb
-	}
+	res.setFigures(sk.bytes.Load(), wall, relay1-relay0, self1-self0)
 	switch {
 	case sendErr != nil:
 		res.Err = sendErr.Error()

@@ -272,18 +272,10 @@ func measurePeer(ctx context.Context, cfg *PeerConfig, tr string, n int, dir str
 	}
 	wall := time.Since(start)
 	cpu1, self1 := src.cpu(), selfCPU()
-	res.Sent, res.Bytes, res.Seconds = sent.Load(), received(), wall.Seconds()
+	res.Sent = sent.Load()
+	res.setFigures(received(), wall, cpu1-cpu0, self1-self0)
 	if cfg.Progress != nil {
 		cfg.Progress(Progress{Path: res.Path, Index: index, Total: total, Bytes: res.Bytes, Size: cfg.Size, Elapsed: wall, Done: true})
-	}
-	res.RelayCPUSeconds = (cpu1 - cpu0).Seconds()
-	res.CPUSeconds = res.RelayCPUSeconds + (self1 - self0).Seconds()
-	if res.Seconds > 0 {
-		res.MBps = float64(res.Bytes) / 1e6 / res.Seconds
-	}
-	if res.Bytes > 0 {
-		gb := float64(res.Bytes) / 1e9
-		res.CPUPerGB, res.RelayCPUPerGB = res.CPUSeconds/gb, res.RelayCPUSeconds/gb
 	}
 	var msgs []string
 	for _, err := range errs {

@@ -68,12 +68,9 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 			cfg.Limit = 60 * time.Second
 		}
 	}
-	for _, s := range splitBenchList(*streams) {
-		n, err := strconv.Atoi(s)
-		if err != nil || n < 1 || n > 256 {
-			return fmt.Errorf("bench: --streams %q: want comma-separated counts from 1 to 256", *streams)
-		}
-		cfg.Streams = append(cfg.Streams, n)
+	var err error
+	if cfg.Streams, err = parseStreams(*streams); err != nil {
+		return err
 	}
 	if *baselines != "none" {
 		cfg.Baselines = splitBenchList(*baselines)
@@ -142,20 +139,39 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 			return fmt.Errorf("bench: --svg: %w", err)
 		}
 	}
-	if *asJSON {
-		err = bench.WriteJSON(stdout, rep)
+	return writeBench(stdout, rep, *asJSON)
+}
+
+// writeBench prints a report as JSON or a table, and fails if a path did.
+func writeBench(w io.Writer, rep bench.Report, asJSON bool) error {
+	var err error
+	if asJSON {
+		err = bench.WriteJSON(w, rep)
 	} else {
-		err = bench.WriteTable(stdout, rep)
+		err = bench.WriteTable(w, rep)
 	}
 	if err != nil {
 		return err
 	}
-	for _, r := range results {
+	for _, r := range rep.Results {
 		if r.Err != "" {
 			return errors.New("bench: some paths failed")
 		}
 	}
 	return nil
+}
+
+// parseStreams reads --streams: comma-separated counts from 1 to 256.
+func parseStreams(s string) ([]int, error) {
+	var out []int
+	for _, f := range splitBenchList(s) {
+		n, err := strconv.Atoi(f)
+		if err != nil || n < 1 || n > 256 {
+			return nil, fmt.Errorf("bench: --streams %q: want comma-separated counts from 1 to 256", s)
+		}
+		out = append(out, n)
+	}
+	return out, nil
 }
 
 // benchProgress returns a Progress callback that redraws one line on w
@@ -225,12 +241,9 @@ func benchPeer(peer, cert, key, ca, transports, streams, size string, asJSON boo
 		return err
 	}
 	cfg := bench.PeerConfig{Peer: peer, Cert: cert, Key: key, CA: ca, Transports: splitBenchList(transports), Stall: stall, ServeArgs: serveFlags}
-	for _, s := range splitBenchList(streams) {
-		n, err := strconv.Atoi(s)
-		if err != nil || n < 1 || n > 256 {
-			return fmt.Errorf("bench: --streams %q: want comma-separated counts from 1 to 256", streams)
-		}
-		cfg.Streams = append(cfg.Streams, n)
+	var err error
+	if cfg.Streams, err = parseStreams(streams); err != nil {
+		return err
 	}
 	n, err := bench.ParseSize(size)
 	if err != nil {
@@ -247,19 +260,5 @@ func benchPeer(peer, cert, key, ca, transports, streams, size string, asJSON boo
 	if err != nil {
 		return fmt.Errorf("bench: %w", err)
 	}
-	rep := bench.NewPeerReport(cfg.Size, results, peer)
-	if asJSON {
-		err = bench.WriteJSON(stdout, rep)
-	} else {
-		err = bench.WriteTable(stdout, rep)
-	}
-	if err != nil {
-		return err
-	}
-	for _, r := range results {
-		if r.Err != "" {
-			return errors.New("bench: some paths failed")
-		}
-	}
-	return nil
+	return writeBench(stdout, bench.NewPeerReport(cfg.Size, results, peer), asJSON)
 }
