@@ -77,6 +77,10 @@ type Config struct {
 	// ServeArgs are more flags for every "migtun serve" of the migtun
 	// paths (e.g. --tcp-congestion cubic), to compare settings.
 	ServeArgs []string
+	// Disk, for RunQEMU, is the size of the guest disk copied with the
+	// migration (a mirror over NBD, as "--copy-storage all" does); 0
+	// migrates RAM and device state only.
+	Disk int64
 	// Limit, when set, cuts a path short after this long: its Result holds
 	// the bytes the sink counted by then and is marked Partial. A run
 	// across a slow or lossy link uses it so that one stalled baseline
@@ -104,9 +108,16 @@ type Result struct {
 	// Sent is the bytes the sender wrote; Bytes the bytes counted at the
 	// sink. They differ only when a path lost or invented bytes, which is
 	// reported in Err.
-	Sent    int64   `json:"bytes_sent"`
-	Bytes   int64   `json:"bytes_received"`
-	Seconds float64 `json:"seconds"`
+	Sent  int64 `json:"bytes_sent"`
+	Bytes int64 `json:"bytes_received"`
+	// DiskBytes is the part of Bytes a QEMU run's disk mirror copied;
+	// MirrorSeconds the part of Seconds until the mirror was in sync,
+	// MigrationSeconds the time from migrate until the destination had
+	// the RAM.
+	DiskBytes        int64   `json:"disk_bytes,omitempty"`
+	MirrorSeconds    float64 `json:"mirror_seconds,omitempty"`
+	MigrationSeconds float64 `json:"migration_seconds,omitempty"`
+	Seconds          float64 `json:"seconds"`
 	// MBps is Bytes/Seconds in 10^6 bytes per second.
 	MBps float64 `json:"mb_per_s"`
 	// CPUSeconds is the CPU time of every process of the path, the
@@ -152,18 +163,52 @@ type path struct {
 	transport string
 	streams   int
 	skip      string
-	// setup starts the path's processes; bytes written to entry must come
-	// out at env.sink.
-	setup func(env *env) (entry string, procs []*proc, err error)
+	// setup starts the path's processes: bytes written to entries[i] must
+	// come out at env.channels[i].sink.
+	setup func(env *env) (entries []string, procs []*proc, err error)
 }
+
+// channel is one kind of stream a path carries: its name on migtun's wire
+// (the channel of the route and the forward) and the socket its bytes
+// must come out at.
+type channel struct {
+	name string
+	sink string
+}
+
+// benchChannel carries the bytes of Run, and QEMU's migration streams.
+const benchChannel = "bench"
 
 // env is what a path's setup works with.
 type env struct {
-	cfg  *Config
-	dir  string // this path's directory
-	sink string // the sink's socket
-	pki  func() (*pki, error)
-	link *linkemu.Link // nil on loopback
+	cfg      *Config
+	dir      string    // this path's directory
+	channels []channel // the streams to carry; the first is the main one
+	pki      func() (*pki, error)
+	link     *linkemu.Link // nil on loopback
+}
+
+// sink is the socket of the main channel.
+func (e *env) sink() string { return e.channels[0].sink }
+
+// perChannel makes a setup that runs one pair of hops for each channel of
+// its env: one(e, ch, entry) starts hops that carry what is written to
+// entry to ch.sink.
+func perChannel(one func(e *env, ch channel, entry string) ([]*proc, error)) func(*env) ([]string, []*proc, error) {
+	return func(e *env) ([]string, []*proc, error) {
+		var entries []string
+		var procs []*proc
+		for _, ch := range e.channels {
+			entry := filepath.Join(e.dir, ch.name+"-src.sock")
+			ps, err := one(e, ch, entry)
+			procs = append(procs, ps...)
+			if err != nil {
+				return nil, procs, err
+			}
+			entries = append(entries, entry)
+		}
+		return entries, procs, nil
+	}
 }
 
 // host returns the address side's hop listens on: the link's, or loopback.
@@ -211,6 +256,9 @@ func (cfg *Config) Validate() error {
 	if cfg.Size < 0 {
 		return &ConfigError{"size", fmt.Sprintf("%d: want a positive volume", cfg.Size)}
 	}
+	if cfg.Disk < 0 || cfg.Disk%512 != 0 {
+		return &ConfigError{"disk", fmt.Sprintf("%d: want a multiple of 512 bytes", cfg.Disk)}
+	}
 	if len(cfg.Transports) == 0 && len(cfg.Baselines) == 0 {
 		return &ConfigError{"transport", "and --baselines are both empty: nothing to measure"}
 	}
@@ -256,7 +304,7 @@ func Run(ctx context.Context, cfg Config) ([]Result, error) {
 	if cfg.Stall == 0 {
 		cfg.Stall = DefaultStall
 	}
-	return runPaths(ctx, &cfg, "sink.sock", measure)
+	return runPaths(ctx, &cfg, []string{benchChannel}, measure)
 }
 
 // measureFunc measures path p, the index-th of total, in e.
@@ -264,8 +312,9 @@ type measureFunc func(ctx context.Context, cfg *Config, p path, e *env, index, t
 
 // runPaths measures each path of cfg's plan in turn, each in a directory
 // of its own under cfg.Dir (a temporary directory, removed at the end,
-// when empty) with its sink's socket named sink there.
-func runPaths(ctx context.Context, cfg *Config, sink string, measure measureFunc) ([]Result, error) {
+// when empty), carrying the channels named (a sink socket "NAME.sock"
+// each, there).
+func runPaths(ctx context.Context, cfg *Config, channels []string, measure measureFunc) ([]Result, error) {
 	dir := cfg.Dir
 	if dir == "" {
 		d, err := os.MkdirTemp("", "migtun-bench-")
@@ -290,7 +339,10 @@ func runPaths(ctx context.Context, cfg *Config, sink string, measure measureFunc
 		if err := os.MkdirAll(pdir, 0o700); err != nil {
 			return results, err
 		}
-		e := &env{cfg: cfg, dir: pdir, sink: filepath.Join(pdir, sink), pki: getPKI, link: cfg.Link}
+		e := &env{cfg: cfg, dir: pdir, pki: getPKI, link: cfg.Link}
+		for _, c := range channels {
+			e.channels = append(e.channels, channel{name: c, sink: filepath.Join(pdir, c+".sock")})
+		}
 		results = append(results, measure(ctx, cfg, p, e, i+1, len(paths)))
 	}
 	return results, ctx.Err()
@@ -303,13 +355,13 @@ func measure(ctx context.Context, cfg *Config, p path, e *env, index, total int)
 		res.Skipped = p.skip
 		return res
 	}
-	sk, err := newSink(e.sink, cfg.Size)
+	sk, err := newSink(e.sink(), cfg.Size)
 	if err != nil {
 		res.Err = err.Error()
 		return res
 	}
 	defer sk.close()
-	entry, procs, err := p.setup(e)
+	entries, procs, err := p.setup(e)
 	defer func() {
 		for _, pr := range procs {
 			pr.stop(5 * time.Second)
@@ -319,6 +371,7 @@ func measure(ctx context.Context, cfg *Config, p path, e *env, index, total int)
 		res.Err = err.Error()
 		return res
 	}
+	entry := entries[0]
 	report := func(done bool, elapsed time.Duration) {
 		if cfg.Progress != nil {
 			cfg.Progress(Progress{Path: p.name, Index: index, Total: total, Bytes: sk.bytes.Load(),

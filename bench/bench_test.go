@@ -137,16 +137,17 @@ func TestBenchFlags(t *testing.T) {
 // early (stunnel-like) is imitated by a path that never forwards.
 func TestRunCountsLoss(t *testing.T) {
 	cfg := Config{Size: 1 << 20, Stall: 500 * time.Millisecond, Dir: t.TempDir()}
-	p := path{name: "black-hole", streams: 1, setup: func(e *env) (string, []*proc, error) {
+	p := path{name: "black-hole", streams: 1, setup: func(e *env) ([]string, []*proc, error) {
 		entry := filepath.Join(e.dir, "hole.sock")
 		sk, err := newSink(entry, 1<<62) // swallows everything, forwards nothing
 		if err != nil {
-			return "", nil, err
+			return nil, nil, err
 		}
 		t.Cleanup(sk.close)
-		return entry, nil, nil
+		return []string{entry}, nil, nil
 	}}
-	r := measure(context.Background(), &cfg, p, &env{cfg: &cfg, dir: cfg.Dir, sink: filepath.Join(cfg.Dir, "sink.sock")}, 1, 1)
+	e := &env{cfg: &cfg, dir: cfg.Dir, channels: []channel{{benchChannel, filepath.Join(cfg.Dir, "sink.sock")}}}
+	r := measure(context.Background(), &cfg, p, e, 1, 1)
 	if r.OK() || !strings.Contains(r.Err, "stalled: 0 of 1048576") {
 		t.Fatalf("a path that delivers nothing was measured: %+v", r)
 	}

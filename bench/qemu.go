@@ -2,11 +2,11 @@ package bench
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
 	"github.com/migtun/migtun/internal/vmtest"
+	"github.com/migtun/migtun/migrate"
 	"github.com/migtun/migtun/qmp"
 )
 
@@ -15,8 +15,8 @@ const DefaultQEMURAM = 512 << 20
 
 // QEMUCPUNote says how the CPU columns of a QEMU run are measured.
 const QEMUCPUNote = "QEMU run: a paused guest with random RAM migrated through each path (migtun/T/N: multifd with N channels " +
-	"when N > 1; baselines over one channel); MB/s is the RAM QEMU sent over the time from migrate to completion on the " +
-	"destination. CPU s/GB: both QEMU processes and the path's two hops (utime+stime from /proc/PID/stat, children " +
+	"when N > 1; baselines over one channel; a disk, when copied, mirrored over NBD on a channel of its own); MB/s is the RAM QEMU sent and the disk " +
+	"mirrored over the time from the first QMP command until the migration and the mirror were complete. CPU s/GB: both QEMU processes and the path's two hops (utime+stime from /proc/PID/stat, children " +
 	"included); relay CPU: the two hops only. MB = 10^6 bytes, GB = 10^9 bytes."
 
 // qemuTargets is the target for real migrations on loopback: through tls,
@@ -35,13 +35,17 @@ func NewQEMUReport(ram int64, results []Result) Report {
 const qemuMaxBandwidth = 100 << 30
 
 // RunQEMU migrates a real QEMU guest through every path cfg asks for, one
-// after the other: for each path a fresh destination QEMU listens on the
-// sink's socket (migrate-incoming), the path's processes start, and a fresh
+// after the other: for each path a fresh destination QEMU and a fresh
 // paused source QEMU with cfg.Size of random RAM (default DefaultQEMURAM)
-// migrates into the path's entry. A migtun path with N streams migrates
-// with multifd and N channels when N > 1. Each Result counts the RAM
-// QEMU sent, the time from migrate until the destination completed, and
-// the CPU of both QEMUs and the path's processes; the guest RAM must be
+// start, then the path's processes; the destination listens on the sink's
+// socket (migrate-incoming) and the source migrates into the path's entry.
+// With cfg.Disk, the source first mirrors a random disk of that size into
+// the destination's NBD export over a second channel of the path, as
+// "--copy-storage all" does. A migtun path with N streams migrates with
+// multifd and N channels when N > 1. Each Result counts the RAM QEMU sent
+// and the disk mirrored, the time from the first QMP command to the
+// destination until the migration and mirror were complete, and the CPU of
+// both QEMUs and the path's processes; the guest RAM (and disk) must be
 // identical on both sides afterwards, or the path fails. Errors are as for
 // Run.
 func RunQEMU(ctx context.Context, cfg Config) ([]Result, error) {
@@ -60,8 +64,15 @@ func RunQEMU(ctx context.Context, cfg Config) ([]Result, error) {
 	if _, err := vmtest.QEMUBinary(); err != nil {
 		return nil, fmt.Errorf("%w (apt-get install qemu-system-x86)", err)
 	}
-	return runPaths(ctx, &cfg, "in.sock", measureQEMU)
+	channels := []string{benchChannel}
+	if cfg.Disk > 0 {
+		channels = append(channels, nbdChannel)
+	}
+	return runPaths(ctx, &cfg, channels, measureQEMU)
 }
+
+// nbdChannel carries the disk copy of a QEMU run.
+const nbdChannel = "nbd"
 
 // measureQEMU runs one migration through p.
 func measureQEMU(ctx context.Context, cfg *Config, p path, e *env, index, total int) (res Result) {
@@ -74,35 +85,23 @@ func measureQEMU(ctx context.Context, cfg *Config, p path, e *env, index, total 
 		res.Err = fmt.Sprintf(format, args...)
 		return res
 	}
+	disk := cfg.Disk
+	if disk == 0 {
+		disk = 1 << 20 // a disk is part of every VM; without Disk it is not copied
+	}
 	sctx, cancel := context.WithTimeout(ctx, 2*time.Minute) // bounds the VMs' start
 	defer cancel()
-	dst, err := vmtest.Start(sctx, vmtest.Options{Dir: e.dir, Name: "dst", RAM: cfg.Size, Disk: 1 << 20, Incoming: true})
+	dst, err := vmtest.Start(sctx, vmtest.Options{Dir: e.dir, Name: "dst", RAM: cfg.Size, Disk: disk, Incoming: true})
 	if err != nil {
 		return fail("starting the destination QEMU: %v", err)
 	}
 	defer dst.Close()
-	src, err := vmtest.Start(sctx, vmtest.Options{Dir: e.dir, Name: "src", RAM: cfg.Size, Disk: 1 << 20, Random: true})
+	src, err := vmtest.Start(sctx, vmtest.Options{Dir: e.dir, Name: "src", RAM: cfg.Size, Disk: disk, Random: true})
 	if err != nil {
 		return fail("starting the source QEMU: %v", err)
 	}
 	defer src.Close()
-	caps := map[string]bool{"multifd": p.streams > 1}
-	params := map[string]any{"max-bandwidth": qemuMaxBandwidth}
-	if p.streams > 1 {
-		params["multifd-channels"] = p.streams
-	}
-	for _, vm := range []*vmtest.VM{dst, src} {
-		if err := vm.QMP.MigrateSetCapabilities(ctx, caps); err != nil {
-			return fail("%s QEMU: %v", vm.Options.Name, err)
-		}
-		if err := vm.QMP.MigrateSetParameters(ctx, params); err != nil {
-			return fail("%s QEMU: %v", vm.Options.Name, err)
-		}
-	}
-	if err := dst.QMP.MigrateIncoming(ctx, "unix:"+e.sink); err != nil {
-		return fail("destination QEMU: %v", err)
-	}
-	entry, procs, err := p.setup(e)
+	entries, procs, err := p.setup(e)
 	defer func() {
 		for _, pr := range procs {
 			pr.stop(5 * time.Second)
@@ -111,89 +110,91 @@ func measureQEMU(ctx context.Context, cfg *Config, p path, e *env, index, total 
 	if err != nil {
 		return fail("%v", err)
 	}
+	o := vmtest.MigrateOptions{MainURI: "unix:" + entries[0], IncomingURI: "unix:" + e.sink(), MaxBandwidth: qemuMaxBandwidth}
+	if p.streams > 1 {
+		o.Multifd = p.streams
+	}
+	if cfg.Disk > 0 {
+		// The mirror keeps as much in flight as "migtun migrate" has it.
+		o.NBDServerPath, o.NBDClientPath, o.MirrorBuffer = e.channels[1].sink, entries[1], migrate.DefaultMirrorBuffer
+	}
 	cpu := func() (all, relay time.Duration) {
 		for _, pr := range procs {
 			relay += pr.cpu()
 		}
 		return relay + treeCPU(src.PID(), 0) + treeCPU(dst.PID(), 0), relay
 	}
-	all0, relay0 := cpu()
+	mctx, stop := context.WithCancelCause(ctx)
+	defer stop(nil)
+	w := watch{cfg: cfg, stop: stop, last: time.Now()}
 	start := time.Now()
-	if err := src.QMP.Migrate(ctx, "unix:"+entry); err != nil {
-		return fail("source QEMU: %v", err)
-	}
-	info, err := followMigration(ctx, cfg, src.QMP, func(sent int64) {
+	w.progress = func(moved int64) {
 		if cfg.Progress != nil {
-			cfg.Progress(Progress{Path: p.name, Index: index, Total: total, Bytes: sent, Size: cfg.Size, Elapsed: time.Since(start)})
+			cfg.Progress(Progress{Path: p.name, Index: index, Total: total, Bytes: moved, Size: cfg.Size + cfg.Disk, Elapsed: time.Since(start)})
 		}
-	})
-	if err != nil {
-		cctx, ccancel := context.WithTimeout(context.Background(), 5*time.Second)
-		src.QMP.MigrateCancel(cctx)
-		ccancel()
-		return fail("%v%s", err, procTails(procs))
 	}
-	if _, err := dst.QMP.WaitMigration(ctx, 10*time.Millisecond, nil); err != nil {
-		return fail("destination QEMU: %v", err)
+	o.Progress = w.observe
+	all0, relay0 := cpu()
+	mr, err := vmtest.Migrate(mctx, src, dst, o)
+	if err != nil {
+		if c := context.Cause(mctx); c != nil && ctx.Err() == nil {
+			err = c
+		}
+		return fail("%v%s", err, procTails(procs))
 	}
 	wall := time.Since(start)
 	all1, relay1 := cpu()
-	res.Sent = info.RAM.Transferred
-	res.Bytes = res.Sent
+	res.Sent = mr.RAMBytes + mr.DiskBytes
+	res.Bytes, res.DiskBytes = res.Sent, mr.DiskBytes
+	res.MirrorSeconds, res.MigrationSeconds = mr.Mirror.Seconds(), mr.Migration.Seconds()
 	res.Seconds = wall.Seconds()
 	res.MBps = float64(res.Bytes) / 1e6 / res.Seconds
 	res.CPUSeconds, res.RelayCPUSeconds = (all1 - all0).Seconds(), (relay1 - relay0).Seconds()
 	gb := float64(res.Bytes) / 1e9
 	res.CPUPerGB, res.RelayCPUPerGB = res.CPUSeconds/gb, res.RelayCPUSeconds/gb
 	if cfg.Progress != nil {
-		cfg.Progress(Progress{Path: p.name, Index: index, Total: total, Bytes: res.Bytes, Size: cfg.Size, Elapsed: wall, Done: true})
+		cfg.Progress(Progress{Path: p.name, Index: index, Total: total, Bytes: res.Bytes, Size: cfg.Size + cfg.Disk, Elapsed: wall, Done: true})
 	}
-	if err := vmtest.CompareRAM(src, dst); err != nil {
+	compare := vmtest.CompareRAM
+	if cfg.Disk > 0 {
+		compare = vmtest.CompareImages
+	}
+	if err := compare(src, dst); err != nil {
 		return fail("after the migration: %v", err)
 	}
 	return res
 }
 
-// followMigration polls the source until its migration completes, calling
-// progress with the RAM sent so far; a failed migration, or one that sends
-// nothing for cfg.Stall, is an error.
-func followMigration(ctx context.Context, cfg *Config, q *qmp.Client, progress func(int64)) (*qmp.MigrationInfo, error) {
-	t := time.NewTicker(10 * time.Millisecond)
-	defer t.Stop()
-	var last int64
-	lastMove, lastReport := time.Now(), time.Time{}
-	for {
-		info, err := q.QueryMigrate(ctx)
-		if err != nil {
-			return nil, fmt.Errorf("source QEMU: %w", err)
-		}
-		var sent int64
-		if info.RAM != nil {
-			sent = info.RAM.Transferred
-		}
-		switch info.Status {
-		case qmp.MigrationCompleted:
-			if info.RAM == nil {
-				return nil, errors.New("source QEMU: completed without RAM statistics")
-			}
-			return info, nil
-		case qmp.MigrationFailed, qmp.MigrationCancelled:
-			return nil, fmt.Errorf("source QEMU: migration %s: %s", info.Status, info.ErrorDesc)
-		}
-		now := time.Now()
-		if sent != last {
-			last, lastMove = sent, now
-		} else if now.Sub(lastMove) > cfg.Stall {
-			return nil, fmt.Errorf("stalled: QEMU sent %d bytes, none for %s", sent, cfg.Stall)
-		}
-		if now.Sub(lastReport) >= 250*time.Millisecond {
-			progress(sent)
-			lastReport = now
-		}
-		select {
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		case <-t.C:
-		}
+// watch follows a migration's progress: it reports the bytes moved
+// (mirrored disk, then RAM sent) about every 250ms, and stops the
+// migration when a stage moves nothing for cfg.Stall.
+type watch struct {
+	cfg      *Config
+	stop     context.CancelCauseFunc
+	progress func(moved int64)
+
+	stage        string
+	disk, ram    int64
+	last, report time.Time
+}
+
+// observe is a vmtest.MigrateOptions.Progress.
+func (w *watch) observe(stage string, info *qmp.MigrationInfo, job *qmp.BlockJob) {
+	now := time.Now()
+	moved := w.disk + w.ram
+	switch {
+	case job != nil:
+		w.disk = job.Offset
+	case info != nil && info.RAM != nil && stage == vmtest.StageMigrate:
+		w.ram = info.RAM.Transferred
+	}
+	if stage != w.stage || w.disk+w.ram != moved {
+		w.stage, w.last = stage, now
+	} else if now.Sub(w.last) > w.cfg.Stall {
+		w.stop(fmt.Errorf("stalled while %s: QEMU moved %d bytes, none for %s", stage, moved, w.cfg.Stall))
+	}
+	if now.Sub(w.report) >= 250*time.Millisecond {
+		w.progress(w.disk + w.ram)
+		w.report = now
 	}
 }

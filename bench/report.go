@@ -30,7 +30,9 @@ type Report struct {
 	// Mode is ModeStream or ModeQEMU.
 	Mode string `json:"mode"`
 	// Size is the volume pushed (ModeStream) or the guest RAM (ModeQEMU).
-	Size    int64    `json:"size_bytes"`
+	Size int64 `json:"size_bytes"`
+	// Disk is the guest disk a ModeQEMU run copied with each migration.
+	Disk    int64    `json:"disk_bytes,omitempty"`
 	Machine Machine  `json:"machine"`
 	CPUNote string   `json:"cpu_note"`
 	Results []Result `json:"results"`
@@ -211,6 +213,9 @@ func WriteTable(w io.Writer, r Report) error {
 	what := " through each path"
 	if r.Mode == ModeQEMU {
 		what = " of guest RAM migrated by QEMU through each path"
+		if r.Disk > 0 {
+			what = " of guest RAM and a " + FormatSize(r.Disk) + " disk (--copy-storage all) migrated by QEMU through each path"
+		}
 	}
 	fmt.Fprintf(w, "%s%s; %d CPUs, %s, Linux %s, %s\n\n", FormatSize(r.Size), what, m.CPUs, m.CPUModel, m.Kernel, m.GoVersion)
 	if r.Link != nil {

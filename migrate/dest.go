@@ -184,7 +184,11 @@ func (c *Controller) PrepareIncoming(ctx context.Context, vm string, in Incoming
 		return nil, fail("migrate-set-capabilities", err)
 	}
 	if in.MultifdChannels > 0 {
-		if err := q.MigrateSetParameters(ctx, map[string]any{"multifd-channels": in.MultifdChannels}); err != nil {
+		params := map[string]any{"multifd-channels": in.MultifdChannels}
+		if in.MultifdCompression != "" {
+			params["multifd-compression"] = in.MultifdCompression
+		}
+		if err := q.MigrateSetParameters(ctx, params); err != nil {
 			return nil, fail("migrate-set-parameters", err)
 		}
 	}

@@ -166,6 +166,12 @@ func TestVMBoundToPeers(t *testing.T) {
 	if _, err := c.ServeVM(ctx, opPrepare, sess, json.RawMessage(`{"vm":"web1","surprise":1}`)); err == nil {
 		t.Errorf("unknown field accepted")
 	}
+	for _, bad := range []string{`{"multifd_channels":2,"multifd_compression":"lz4;rm"}`, `{"multifd_channels":-1}`, `{"multifd_channels":256}`} {
+		if _, err := c.ServeVM(ctx, opPrepare, sess, json.RawMessage(`{"vm":"web1","prepare":`+bad+`}`)); !errors.Is(err, control.ErrBadRequest) ||
+			!strings.Contains(err.Error(), "multifd") {
+			t.Errorf("prepare %s: %v, want code bad_request naming multifd", bad, err)
+		}
+	}
 }
 
 func TestRunChecksOptions(t *testing.T) {
@@ -173,6 +179,10 @@ func TestRunChecksOptions(t *testing.T) {
 		{CopyStorage: "some"},
 		{Disks: []string{"disk0"}},
 		{Multifd: 300},
+		{Multifd: 2, MultifdCompression: "lz4"},
+		{MultifdCompression: "zstd"},
+		{MirrorBuffer: 4096},
+		{MirrorBuffer: 2 << 30},
 		{Postcopy: true, PostcopyStart: "later"},
 		{Postcopy: true, PostcopyBandwidth: -1},
 	} {

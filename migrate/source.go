@@ -14,6 +14,16 @@ import (
 	"github.com/migtun/migtun/qmp"
 )
 
+// DefaultMirrorBuffer is each disk mirror's data in flight. A mirror
+// moves at most this much per round trip of its NBD requests, so QEMU's
+// own 16 MiB holds a 1 Gbit/s path with a 100 ms round trip to about half
+// its rate (docs/benchmarks.md measures 63 MB/s, and 83 MB/s with 64 MiB).
+// It costs that much memory of the source QEMU per disk while copying.
+const DefaultMirrorBuffer = 64 << 20
+
+// MultifdCompressions are the values of Options.MultifdCompression.
+var MultifdCompressions = []string{"none", "zlib", "zstd"}
+
 // DefaultMaxBandwidth replaces QEMU's 128 MiB/s default migration bandwidth
 // limit: 100 GiB/s, in effect no limit.
 const DefaultMaxBandwidth = 100 << 30
@@ -48,6 +58,14 @@ type Options struct {
 	Disks []string
 	// Multifd is the number of multifd channels; 0 disables multifd.
 	Multifd int
+	// MultifdCompression, with Multifd, is QEMU's multifd-compression on
+	// both sides: "none" (also for ""), "zlib" or "zstd". Compression
+	// spends CPU on both hosts to send fewer bytes: it helps a slow link
+	// and a guest whose RAM compresses, and costs throughput elsewhere.
+	MultifdCompression string
+	// MirrorBuffer bounds each disk mirror's data in flight (QEMU's
+	// blockdev-mirror buf-size); default DefaultMirrorBuffer.
+	MirrorBuffer int64
 	// Postcopy lets the migration switch to postcopy, when PostcopyStart
 	// says. If the tunnel breaks in postcopy, both QEMUs pause and the
 	// migration is recovered through the same session once the path is
@@ -202,6 +220,18 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	if o.Multifd < 0 || o.Multifd > 255 {
 		return nil, &StepError{StepBegin, fmt.Errorf("multifd %d: want 0 to 255", o.Multifd)}
+	}
+	if o.MultifdCompression != "" && !slices.Contains(MultifdCompressions, o.MultifdCompression) {
+		return nil, &StepError{StepBegin, fmt.Errorf("multifd compression %q: want one of %v", o.MultifdCompression, MultifdCompressions)}
+	}
+	if o.MultifdCompression != "" && o.MultifdCompression != "none" && o.Multifd == 0 {
+		return nil, &StepError{StepBegin, fmt.Errorf("multifd compression %s needs multifd channels", o.MultifdCompression)}
+	}
+	if o.MirrorBuffer == 0 {
+		o.MirrorBuffer = DefaultMirrorBuffer
+	}
+	if o.MirrorBuffer < 1<<20 || o.MirrorBuffer > 1<<30 {
+		return nil, &StepError{StepBegin, fmt.Errorf("mirror buffer %d bytes: want 1MiB to 1GiB", o.MirrorBuffer)}
 	}
 	ctl, err := control.NewClient(o.Control, &control.Options{Timeout: 2 * time.Minute, Token: o.ControlToken})
 	if err != nil {
@@ -403,6 +433,7 @@ func (r *run) prepare(ctx context.Context) error {
 	req := VMPrepare{Capabilities: want}
 	if r.o.Multifd > 0 {
 		req.MultifdChannels = r.o.Multifd
+		req.MultifdCompression = r.o.MultifdCompression
 	}
 	for _, d := range r.disks {
 		req.Disks = append(req.Disks, VMDisk{Node: d.node, Size: d.size})
@@ -421,6 +452,9 @@ func (r *run) prepare(ctx context.Context) error {
 	params := map[string]any{"max-bandwidth": r.o.MaxBandwidth}
 	if r.o.Multifd > 0 {
 		params["multifd-channels"] = r.o.Multifd
+		if r.o.MultifdCompression != "" {
+			params["multifd-compression"] = r.o.MultifdCompression
+		}
 	}
 	if r.o.Downtime > 0 {
 		params["downtime-limit"] = r.o.Downtime.Milliseconds()
@@ -480,7 +514,7 @@ func (r *run) mirror(ctx context.Context) error {
 			return fmt.Errorf("disk %s: %w", d.node, err)
 		}
 		d.added = true
-		if err := r.q.BlockdevMirror(ctx, d.job, d.node, d.target, sync); err != nil {
+		if err := r.q.BlockdevMirror(ctx, d.job, d.node, d.target, sync, r.o.MirrorBuffer); err != nil {
 			return fmt.Errorf("disk %s: %w", d.node, err)
 		}
 		d.mirr = true

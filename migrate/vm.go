@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"slices"
 
 	"github.com/migtun/migtun/control"
 	"github.com/migtun/migtun/proxy"
@@ -60,6 +61,20 @@ type VMPrepare struct {
 	Capabilities map[string]bool `json:"capabilities,omitempty"`
 	// MultifdChannels is multifd's channel count (with "multifd").
 	MultifdChannels int `json:"multifd_channels,omitempty"`
+	// MultifdCompression is multifd's compression (with "multifd"): one
+	// of MultifdCompressions; empty keeps the destination QEMU's.
+	MultifdCompression string `json:"multifd_compression,omitempty"`
+}
+
+// check refuses parameters no QEMU takes, before any reaches QEMU.
+func (p VMPrepare) check() error {
+	if p.MultifdChannels < 0 || p.MultifdChannels > 255 {
+		return control.Errorf(control.CodeBadRequest, "multifd channels %d: want 0 to 255", p.MultifdChannels)
+	}
+	if p.MultifdCompression != "" && !slices.Contains(MultifdCompressions, p.MultifdCompression) {
+		return control.Errorf(control.CodeBadRequest, "multifd compression %q: want one of %v", p.MultifdCompression, MultifdCompressions)
+	}
+	return nil
 }
 
 // VMPrepared answers prepare.
@@ -128,6 +143,9 @@ func (c *Controller) ServeVM(ctx context.Context, op string, sess proxy.VMSessio
 		in := Incoming{Session: sess.ID, Peer: sess.Peer, Main: sess.Targets["main"], NBD: sess.Targets["nbd"]}
 		if req.Prepare != nil {
 			in.VMPrepare = *req.Prepare
+		}
+		if err := in.VMPrepare.check(); err != nil {
+			return nil, err
 		}
 		if in.Main.IsZero() {
 			return nil, control.Errorf(control.CodeBadRequest, "the session has no main channel")

@@ -101,14 +101,18 @@ func (c *Client) BlockdevDel(ctx context.Context, nodeName string) error {
 }
 
 // BlockdevMirror starts a mirror job copying device to the target node. sync
-// is "full", "top" or "none".
-func (c *Client) BlockdevMirror(ctx context.Context, jobID, device, target, sync string) error {
+// is "full", "top" or "none". bufSize bounds the data the job has in
+// flight at once (QEMU's "buf-size"; 0 keeps QEMU's default of 16 MiB):
+// on a long path the mirror moves at most bufSize per round trip.
+func (c *Client) BlockdevMirror(ctx context.Context, jobID, device, target, sync string, bufSize int64) error {
 	c.mu.Lock()
 	delete(c.jobEnds, jobID)
 	c.mu.Unlock()
-	return c.Execute(ctx, "blockdev-mirror", map[string]any{
-		"job-id": jobID, "device": device, "target": target, "sync": sync,
-	}, nil)
+	args := map[string]any{"job-id": jobID, "device": device, "target": target, "sync": sync}
+	if bufSize > 0 {
+		args["buf-size"] = bufSize
+	}
+	return c.Execute(ctx, "blockdev-mirror", args, nil)
 }
 
 // QueryBlockJobs lists the active block jobs.

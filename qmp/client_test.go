@@ -335,7 +335,7 @@ func TestBlockJobs(t *testing.T) {
 	if err := c.NBDServerStartUnix(ctx, "/x/nbd.sock"); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.BlockdevMirror(ctx, "mirror0", "disk0", "nbd-target", "full"); err != nil {
+	if err := c.BlockdevMirror(ctx, "mirror0", "disk0", "nbd-target", "full", 0); err != nil {
 		t.Fatal(err)
 	}
 	var offsets []int64

@@ -10,13 +10,15 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/migtun/migtun/bench"
 	"github.com/migtun/migtun/control"
 	"github.com/migtun/migtun/endpoint"
 	"github.com/migtun/migtun/migrate"
 )
 
 const migrateSynopsis = `migrate --control unix:PATH --peer HOST:PORT --qmp unix:SRC_QMP --dest-vm NAME
-               [--copy-storage all|inc] [--disks NODE[,NODE]...] [--multifd N]
+               [--copy-storage all|inc] [--disks NODE[,NODE]...] [--mirror-buffer 64MiB]
+               [--multifd N [--multifd-compression none|zlib|zstd]]
                [--postcopy] [--postcopy-start first-pass|immediately]
                [--postcopy-bandwidth BYTES_PER_S] [--recover-timeout DURATION]
                [--max-bandwidth BYTES_PER_S] [--downtime MS]
@@ -56,7 +58,7 @@ type migrateFlags struct {
 func parseMigrate(args []string, stderr io.Writer) (migrate.Options, migrateFlags, error) {
 	var o migrate.Options
 	var f migrateFlags
-	var qmpSpec, disks, tokenFile string
+	var qmpSpec, disks, tokenFile, mirrorBuffer string
 	var downtime int64
 	var preempt bool
 	fs := newFlagSet("migrate", migrateSynopsis, stderr)
@@ -68,6 +70,8 @@ func parseMigrate(args []string, stderr io.Writer) (migrate.Options, migrateFlag
 	fs.StringVar(&o.CopyStorage, "copy-storage", "", "copy the disks through the tunnel: all (whole disks) or inc (top image only); default: shared storage")
 	fs.StringVar(&disks, "disks", "", "copy only these block nodes, comma-separated (default: every writable disk)")
 	fs.IntVar(&o.Multifd, "multifd", 0, "multifd channels (0: a single channel)")
+	fs.StringVar(&o.MultifdCompression, "multifd-compression", "", "with --multifd, compress each channel on both QEMUs: none, zlib or zstd (spends CPU to send fewer bytes; helps a slow link when guest RAM compresses; default: QEMU's, none)")
+	fs.StringVar(&mirrorBuffer, "mirror-buffer", bench.FormatSize(migrate.DefaultMirrorBuffer), "with --copy-storage, each disk mirror's data in flight (QEMU's buf-size): a mirror moves at most this per round trip, so a long fast path needs more than QEMU's 16MiB")
 	fs.BoolVar(&o.Postcopy, "postcopy", false, "let the migration switch to postcopy (when both QEMUs offer it); a tunnel break in postcopy is recovered")
 	fs.StringVar(&o.PostcopyStart, "postcopy-start", migrate.PostcopyAfterFirstPass, "with --postcopy, when to switch: first-pass (once all RAM was sent once) or immediately")
 	fs.BoolVar(&preempt, "postcopy-preempt", true, "with --postcopy, use QEMU's postcopy-preempt channel when both QEMUs offer it")
@@ -95,6 +99,9 @@ func parseMigrate(args []string, stderr io.Writer) (migrate.Options, migrateFlag
 		if o.ControlToken, err = control.ReadTokenFile(tokenFile); err != nil {
 			return o, f, fmt.Errorf("migrate: --control-token-file: %w", err)
 		}
+	}
+	if o.MirrorBuffer, err = bench.ParseSize(mirrorBuffer); err != nil {
+		return o, f, fmt.Errorf("migrate: --mirror-buffer: %w", err)
 	}
 	o.Downtime = time.Duration(downtime) * time.Millisecond
 	o.NoPostcopyPreempt = !preempt

@@ -88,9 +88,10 @@ func (r *migrateRig) checkClean(t *testing.T) {
 }
 
 // TestMigrateCommand moves a paused VM with a random disk and RAM with
-// "migtun migrate --copy-storage all --paused", single channel and with
-// multifd 4, and checks both images are identical, on each QEMU
-// generation. The first generation's multifd run is full size, the others
+// "migtun migrate --copy-storage all --paused", single channel, with
+// multifd 4, with multifd 2 compressed by zstd (and a small mirror
+// buffer), and in postcopy, and checks both images are identical, on each
+// QEMU generation. The first generation's multifd run is full size, the others
 // small.
 func TestMigrateCommand(t *testing.T) {
 	first := true
@@ -104,7 +105,12 @@ func testMigrateCommand(t *testing.T, q vmtest.QEMU, fullSize bool) {
 	for _, tc := range []struct {
 		name  string
 		extra []string
-	}{{"single", nil}, {"multifd4", []string{"--multifd", "4", "--json"}}, {"postcopy", []string{"--postcopy", "--json"}}} {
+	}{
+		{"single", nil},
+		{"multifd4", []string{"--multifd", "4", "--json"}},
+		{"zstd", []string{"--multifd", "2", "--multifd-compression", "zstd", "--mirror-buffer", "4MiB", "--json"}},
+		{"postcopy", []string{"--postcopy", "--json"}},
+	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ram, disk := int64(128<<20), int64(32<<20)
 			if fullSize && tc.name == "multifd4" && !testing.Short() {
@@ -120,6 +126,14 @@ func testMigrateCommand(t *testing.T, q vmtest.QEMU, fullSize bool) {
 			}
 			t.Logf("migtun migrate took %v; its output ends:\n%s", time.Since(start).Round(time.Millisecond), migTail(out, 8))
 			checkPausedAndEqual(ctx, t, r.srcVM, r.dstVM)
+			if tc.name == "zstd" {
+				for _, vm := range []*vmtest.VM{r.srcVM, r.dstVM} {
+					p, err := vm.QMP.QueryMigrateParameters(ctx)
+					if err != nil || p["multifd-compression"] != "zstd" {
+						t.Errorf("%s QEMU: multifd-compression %v (%v), want zstd", vm.Options.Name, p["multifd-compression"], err)
+					}
+				}
+			}
 			if tc.name == "postcopy" {
 				// The switch comes after the first pass; a paused guest may
 				// complete before QEMU reports it, so this is logged only.

@@ -41,13 +41,17 @@ type MigrateOptions struct {
 	MainURI string
 	// IncomingURI is the URI the destination listens on.
 	IncomingURI string
-	// NBDServerPath is the destination's NBD server UNIX socket.
+	// NBDServerPath is the destination's NBD server UNIX socket. When
+	// empty, no disk is copied: only RAM and device state migrate.
 	NBDServerPath string
 	// NBDClientPath is where the source's NBD client connects (a migtun
 	// forward, or NBDServerPath directly).
 	NBDClientPath string
 	// Multifd is the number of multifd channels; 0 disables multifd.
 	Multifd int
+	// MirrorBuffer is the disk mirror's data in flight (QEMU's buf-size);
+	// 0 keeps QEMU's default.
+	MirrorBuffer int64
 	// MaxBandwidth is the migration bandwidth limit in bytes/s; default
 	// [DefaultMaxBandwidth].
 	MaxBandwidth int64
@@ -76,7 +80,8 @@ type Result struct {
 
 // Migrate live-migrates src to dst, both paused VMs: the destination
 // exports its disk over NBD and listens; the source mirrors its disk into
-// the export until in sync, migrates, and then completes the mirror. Both
+// the export until in sync, migrates, and then completes the mirror
+// (without NBDServerPath, only the migration). Both
 // VMs stay paused, so their images can be compared afterwards. On failure
 // Migrate cancels what it started, best effort.
 func Migrate(ctx context.Context, src, dst *VM, o MigrateOptions) (*Result, error) {
@@ -118,29 +123,50 @@ func (m *migration) run(ctx context.Context) (*Result, error) {
 	if err := m.dst.MigrateSetParameters(ctx, params); err != nil {
 		return nil, fmt.Errorf("vmtest: destination: %w", err)
 	}
-	if err := m.dst.NBDServerStartUnix(ctx, o.NBDServerPath); err != nil {
-		return nil, fmt.Errorf("vmtest: destination: %w", err)
-	}
-	m.nbdServer = true
-	if err := m.dst.NBDServerAdd(ctx, DiskNode, true); err != nil {
-		return nil, fmt.Errorf("vmtest: destination: %w", err)
+	disk := o.NBDServerPath != ""
+	if disk {
+		if err := m.dst.NBDServerStartUnix(ctx, o.NBDServerPath); err != nil {
+			return nil, fmt.Errorf("vmtest: destination: %w", err)
+		}
+		m.nbdServer = true
+		if err := m.dst.NBDServerAdd(ctx, DiskNode, true); err != nil {
+			return nil, fmt.Errorf("vmtest: destination: %w", err)
+		}
 	}
 	if err := m.dst.MigrateIncoming(ctx, o.IncomingURI); err != nil {
 		return nil, fmt.Errorf("vmtest: destination: %w", err)
 	}
-
-	// Source: mirror the disk until in sync.
 	res := &Result{}
+	if disk {
+		if err := m.mirrorDisk(ctx, res); err != nil {
+			return nil, err
+		}
+	}
+	if err := m.migrate(ctx, res, caps, params); err != nil {
+		return nil, err
+	}
+	if disk {
+		if err := m.finishMirror(ctx, res); err != nil {
+			return nil, err
+		}
+	}
+	return res, nil
+}
+
+// mirrorDisk mirrors the source's disk into the destination's export
+// until the two are in sync.
+func (m *migration) mirrorDisk(ctx context.Context, res *Result) error {
+	o := m.o
 	if err := m.src.BlockdevAdd(ctx, map[string]any{
 		"driver": "nbd", "node-name": NBDTargetNode, "export": DiskNode,
 		"server": map[string]any{"type": "unix", "path": o.NBDClientPath},
 	}); err != nil {
-		return nil, fmt.Errorf("vmtest: source: %w", err)
+		return fmt.Errorf("vmtest: source: %w", err)
 	}
 	m.nbdNode = true
 	start := time.Now()
-	if err := m.src.BlockdevMirror(ctx, MirrorJob, DiskNode, NBDTargetNode, "full"); err != nil {
-		return nil, fmt.Errorf("vmtest: source: %w", err)
+	if err := m.src.BlockdevMirror(ctx, MirrorJob, DiskNode, NBDTargetNode, "full", o.MirrorBuffer); err != nil {
+		return fmt.Errorf("vmtest: source: %w", err)
 	}
 	m.mirror = true
 	err := m.src.WaitBlockJobReady(ctx, MirrorJob, pollInterval, func(j qmp.BlockJob) {
@@ -148,25 +174,30 @@ func (m *migration) run(ctx context.Context) (*Result, error) {
 		o.Progress(StageMirror, nil, &j)
 	})
 	if err != nil {
-		return nil, fmt.Errorf("vmtest: source: %w", err)
+		return fmt.Errorf("vmtest: source: %w", err)
 	}
 	res.Mirror = time.Since(start)
+	return nil
+}
 
-	// Source: migrate RAM and device state.
+// migrate migrates the source's RAM and device state and waits until the
+// destination has it.
+func (m *migration) migrate(ctx context.Context, res *Result, caps map[string]bool, params map[string]any) error {
+	o := m.o
 	if err := m.src.MigrateSetCapabilities(ctx, caps); err != nil {
-		return nil, fmt.Errorf("vmtest: source: %w", err)
+		return fmt.Errorf("vmtest: source: %w", err)
 	}
 	if err := m.src.MigrateSetParameters(ctx, params); err != nil {
-		return nil, fmt.Errorf("vmtest: source: %w", err)
+		return fmt.Errorf("vmtest: source: %w", err)
 	}
-	start = time.Now()
+	start := time.Now()
 	if err := m.src.Migrate(ctx, o.MainURI); err != nil {
-		return nil, fmt.Errorf("vmtest: source: %w", err)
+		return fmt.Errorf("vmtest: source: %w", err)
 	}
 	m.migrating = true
 	info, err := m.src.WaitMigration(ctx, pollInterval, func(i *qmp.MigrationInfo) { o.Progress(StageMigrate, i, nil) })
 	if err != nil {
-		return nil, fmt.Errorf("vmtest: source: %w", err)
+		return fmt.Errorf("vmtest: source: %w", err)
 	}
 	m.migrating = false
 	res.Info = info
@@ -174,37 +205,41 @@ func (m *migration) run(ctx context.Context) (*Result, error) {
 		res.RAMBytes = info.RAM.Transferred
 	}
 	if _, err := m.dst.WaitMigration(ctx, pollInterval, func(i *qmp.MigrationInfo) { o.Progress(StageIncoming, i, nil) }); err != nil {
-		return nil, fmt.Errorf("vmtest: destination: %w", err)
+		return fmt.Errorf("vmtest: destination: %w", err)
 	}
 	res.Migration = time.Since(start)
+	return nil
+}
 
-	// Finish: cancelling a ready mirror completes it, leaving the
-	// destination's disk a consistent copy; then the export can go.
+// finishMirror completes the mirror, cancelling it once ready, which
+// leaves the destination's disk a consistent copy; then the export goes.
+func (m *migration) finishMirror(ctx context.Context, res *Result) error {
+	o := m.o
 	o.Progress(StageFinish, nil, nil)
 	if err := m.src.BlockJobCancel(ctx, MirrorJob, false); err != nil {
-		return nil, fmt.Errorf("vmtest: source: %w", err)
+		return fmt.Errorf("vmtest: source: %w", err)
 	}
 	if err := m.src.WaitBlockJobGone(ctx, MirrorJob, pollInterval); err != nil {
-		return nil, fmt.Errorf("vmtest: source: %w", err)
+		return fmt.Errorf("vmtest: source: %w", err)
 	}
 	m.mirror = false
 	if e, ok := m.src.LastJobEnd(MirrorJob); ok && e.Offset > res.DiskBytes {
 		res.DiskBytes = e.Offset
 	}
 	if err := m.src.BlockdevDel(ctx, NBDTargetNode); err != nil {
-		return nil, fmt.Errorf("vmtest: source: %w", err)
+		return fmt.Errorf("vmtest: source: %w", err)
 	}
 	m.nbdNode = false
 	if o.BeforeNBDStop != nil {
 		if err := o.BeforeNBDStop(ctx); err != nil {
-			return nil, fmt.Errorf("vmtest: before stopping the NBD server: %w", err)
+			return fmt.Errorf("vmtest: before stopping the NBD server: %w", err)
 		}
 	}
 	if err := m.dst.NBDServerStop(ctx); err != nil {
-		return nil, fmt.Errorf("vmtest: destination: %w", err)
+		return fmt.Errorf("vmtest: destination: %w", err)
 	}
 	m.nbdServer = false
-	return res, nil
+	return nil
 }
 
 // abort undoes what run started, best effort, within a few seconds even if
