@@ -8,11 +8,6 @@ import (
 	"github.com/migtun/migtun/internal/leaktest"
 )
 
-// quicSocketBuffer is the size quic-go raises the buffers of its UDP
-// sockets to (7 MiB, as getsockopt reports it). Smaller buffers drop
-// packets of a fast stream.
-const quicSocketBuffer = 7 << 20
-
 // TestQUICSocketBuffers checks that the UDP sockets under both ends of a
 // quic connection have the large buffers quic-go asks for. quic-go raises
 // them only on a *net.UDPConn it is handed directly (it then also sends

@@ -93,3 +93,36 @@ func TestCheckCongestion(t *testing.T) {
 		}
 	}
 }
+
+// TestPlainBuffer: without CAP_NET_ADMIN a buffer is set only when the
+// capped, doubled size is no smaller than what autotuning would reach, so
+// a host with Debian's default limits (208 KiB) keeps autotuning's 4 MiB
+// and more instead of being locked at 416 KiB.
+func TestPlainBuffer(t *testing.T) {
+	for _, tc := range []struct {
+		n, limit, auto int
+		want           bool
+	}{
+		{16 << 20, 212992, 4 << 20, false}, // Debian's defaults: keep autotuning
+		{16 << 20, 4 << 20, 4 << 20, true}, // 8 MiB granted beats 4 MiB
+		{16 << 20, 16 << 20, 6 << 20, true},
+		{1 << 20, 16 << 20, 6 << 20, true},  // within the limit: as asked
+		{16 << 20, 2 << 20, 6 << 20, false}, // locked at 4 MiB, autotuning goes to 6
+		{16 << 20, 0, 0, true},              // limits unknown
+	} {
+		if got := plainBuffer(tc.n, tc.limit, tc.auto); got != tc.want {
+			t.Errorf("plainBuffer(%d, limit %d, auto %d) = %v, want %v", tc.n, tc.limit, tc.auto, got, tc.want)
+		}
+	}
+	for _, tc := range [][4]int{{16 << 20, 212992, 4 << 20, 4 << 20}, {16 << 20, 4 << 20, 4 << 20, 8 << 20}, {1 << 20, 4 << 20, 6 << 20, 1 << 20}} {
+		if got := plainGranted(tc[0], tc[1], tc[2]); got != tc[3] {
+			t.Errorf("plainGranted(%d, limit %d, auto %d) = %d, want %d", tc[0], tc[1], tc[2], got, tc[3])
+		}
+	}
+	if canForceBuffers() != (os.Geteuid() == 0) {
+		t.Logf("CAP_NET_ADMIN differs from being root here (euid %d)", os.Geteuid())
+	}
+	if canForceBuffers() && BufferWarning(DefaultSocketBuffer) != "" {
+		t.Errorf("a process that may force buffers is warned: %s", BufferWarning(DefaultSocketBuffer))
+	}
+}
