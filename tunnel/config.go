@@ -85,6 +85,13 @@ type Config struct {
 	// net.core.wmem_max and rmem_max (SO_SNDBUFFORCE); without, the
 	// kernel caps it there.
 	SocketBuffer int
+	// Stripes, above 1, stripes every data stream a Dialer opens over tls
+	// across this many TCP connections to the peer (see OpenStriped), at
+	// most MaxStripes: where one connection is held by its window (buffers
+	// the kernel caps, a long path) or by a per-flow limit of the network,
+	// a stream then gets the sum of its lanes. The peer must be of a
+	// release that knows striping.
+	Stripes int
 	// HandshakeTimeout bounds the TLS or QUIC handshake plus the header read
 	// of an incoming stream.
 	HandshakeTimeout time.Duration
@@ -147,6 +154,9 @@ func (c *Config) withDefaults() (*Config, error) {
 	}
 	if out.SocketBuffer == 0 {
 		out.SocketBuffer = DefaultSocketBuffer
+	}
+	if out.Stripes < 0 || out.Stripes > MaxStripes {
+		return nil, fmt.Errorf("tunnel: %d stripes: want 1 to %d", out.Stripes, MaxStripes)
 	}
 	if out.HandshakeTimeout <= 0 {
 		out.HandshakeTimeout = DefaultHandshakeTimeout

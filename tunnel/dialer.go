@@ -47,11 +47,20 @@ func NewDialer(cfg *Config) (*Dialer, error) {
 var ErrDialerClosed = errors.New("tunnel: dialer closed")
 
 // Open opens a stream to the peer at addr ("host:port"), sends h, and waits
-// for the peer to accept it. A refusal is returned as a *RefusedError.
+// for the peer to accept it. A refusal is returned as a *RefusedError. With
+// Config.Stripes above 1, a tls data stream is striped (OpenStriped).
 func (d *Dialer) Open(ctx context.Context, addr string, h Header) (Stream, error) {
 	if h.Kind != KindData && h.Kind != KindControl {
 		return nil, fmt.Errorf("tunnel: cannot open a %s stream", h.Kind)
 	}
+	if h.Kind == KindData && d.cfg.Stripes > 1 {
+		return d.OpenStriped(ctx, addr, h, d.cfg.Stripes)
+	}
+	return d.openOne(ctx, addr, h)
+}
+
+// openOne opens a stream that is not striped.
+func (d *Dialer) openOne(ctx context.Context, addr string, h Header) (Stream, error) {
 	wire, err := h.AppendBinary(make([]byte, 0, MaxHeaderLen))
 	if err != nil {
 		return nil, err

@@ -35,13 +35,23 @@ var magic = [4]byte{'M', 'G', 'T', 'N'}
 //	72     8    plain key counter (plain streams; zero otherwise)
 //	80     32   plain MAC (plain streams; zero otherwise)
 //	112    n    channel name
+//
+// With flag 0x01 (a lane of a striped stream, see stripe.go) a lane
+// extension follows the channel name:
+//
+//	0      16   group ID (the same on every lane of the stream)
+//	16     1    lane number (0..count-1)
+//	17     1    lane count (2..MaxStripes)
+//	18     2    zero
 const (
 	fixedHeaderLen = 112
 	// MaxChannelLen is the longest channel name a header carries.
 	MaxChannelLen = 64
+	laneExtLen    = 20
 	// MaxHeaderLen is the hard size limit of a stream header.
-	MaxHeaderLen = fixedHeaderLen + MaxChannelLen
+	MaxHeaderLen = fixedHeaderLen + MaxChannelLen + laneExtLen
 	macOffset    = 80
+	flagLane     = 0x01
 )
 
 // Kind says what a stream is for.
@@ -89,6 +99,15 @@ type Header struct {
 
 	keyID [16]byte // plain streams: which key signed the header
 	mac   [32]byte // plain streams: HMAC of the header under that key
+	lane  laneInfo // a lane of a striped stream; zero otherwise
+}
+
+// laneInfo places a stream's connection among the lanes of a striped
+// stream.
+type laneInfo struct {
+	group [16]byte
+	index uint8
+	count uint8 // 0: not striped
 }
 
 // ValidChannel reports whether name may be used as a channel name: 1 to
@@ -113,14 +132,22 @@ func (h *Header) AppendBinary(b []byte) ([]byte, error) {
 	if err := h.validate(); err != nil {
 		return b, err
 	}
+	var flags byte
+	if h.lane.count > 0 {
+		flags = flagLane
+	}
 	b = append(b, magic[:]...)
-	b = append(b, Version, byte(h.Kind), 0, byte(len(h.Channel)))
+	b = append(b, Version, byte(h.Kind), flags, byte(len(h.Channel)))
 	b = append(b, h.Session[:]...)
 	b = append(b, h.Token[:]...)
 	b = binary.BigEndian.AppendUint64(b, h.Index)
 	b = append(b, h.keyID[:]...)
 	b = append(b, h.mac[:]...)
 	b = append(b, h.Channel...)
+	if h.lane.count > 0 {
+		b = append(b, h.lane.group[:]...)
+		b = append(b, h.lane.index, h.lane.count, 0, 0)
+	}
 	return b, nil
 }
 
@@ -132,6 +159,9 @@ func (h *Header) validate() error {
 	}
 	if !ValidChannel(h.Channel) {
 		return &RefusedError{Reason: ReasonBadChannel, Detail: fmt.Sprintf("%q", h.Channel)}
+	}
+	if l := h.lane; l.count > 0 && (h.Kind != KindData || l.count < 2 || l.count > MaxStripes || l.index >= l.count) {
+		return &RefusedError{Reason: ReasonMalformed, Detail: fmt.Sprintf("lane %d of %d of a %s stream", l.index, l.count, h.Kind)}
 	}
 	return nil
 }
@@ -165,17 +195,21 @@ func readHeader(r io.Reader, buf *[MaxHeaderLen]byte) (Header, []byte, error) {
 	if buf[4] != Version {
 		return Header{}, nil, &RefusedError{Reason: ReasonBadVersion, Detail: fmt.Sprintf("version %d, want %d", buf[4], Version)}
 	}
-	if buf[6] != 0 {
+	if buf[6]&^flagLane != 0 {
 		return Header{}, nil, &RefusedError{Reason: ReasonMalformed, Detail: "unknown flags"}
 	}
 	n := int(buf[7])
 	if n == 0 || n > MaxChannelLen {
 		return Header{}, nil, &RefusedError{Reason: ReasonBadChannel, Detail: fmt.Sprintf("channel length %d", n)}
 	}
-	if _, err := io.ReadFull(r, buf[fixedHeaderLen:fixedHeaderLen+n]); err != nil {
+	end := fixedHeaderLen + n
+	if buf[6]&flagLane != 0 {
+		end += laneExtLen
+	}
+	if _, err := io.ReadFull(r, buf[fixedHeaderLen:end]); err != nil {
 		return Header{}, nil, short(err)
 	}
-	wire := buf[:fixedHeaderLen+n]
+	wire := buf[:end]
 	h, err := parseHeader(wire)
 	return h, wire, err
 }
@@ -189,7 +223,17 @@ func parseHeader(b []byte) (Header, error) {
 		Index:   binary.BigEndian.Uint64(b[56:64]),
 		keyID:   [16]byte(b[64:80]),
 		mac:     [32]byte(b[80:112]),
-		Channel: string(b[fixedHeaderLen:]),
+		Channel: string(b[fixedHeaderLen : fixedHeaderLen+int(b[7])]),
+	}
+	if b[6]&flagLane != 0 {
+		ext := b[fixedHeaderLen+int(b[7]):]
+		if ext[18] != 0 || ext[19] != 0 {
+			return Header{}, &RefusedError{Reason: ReasonMalformed, Detail: "lane extension: reserved bytes set"}
+		}
+		h.lane = laneInfo{group: [16]byte(ext[:16]), index: ext[16], count: ext[17]}
+		if h.lane.count == 0 {
+			return Header{}, &RefusedError{Reason: ReasonMalformed, Detail: "lane extension: no lanes"}
+		}
 	}
 	if err := h.validate(); err != nil {
 		return Header{}, err

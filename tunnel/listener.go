@@ -30,8 +30,9 @@ type Incoming struct {
 	Transport Transport
 
 	s        Stream
-	payload  []byte // accept reply payload
-	bulk     bool   // a tls data stream that switches to the bulk record layer
+	payload  []byte       // accept reply payload
+	bulk     bool         // a tls data stream that switches to the bulk record layer
+	lanes    []*tlsStream // a striped stream's lanes, s the first; nil otherwise
 	answered bool
 }
 
@@ -44,6 +45,9 @@ func (in *Incoming) Accept() (Stream, error) {
 		return nil, errors.New("tunnel: stream already answered")
 	}
 	in.answered = true
+	if in.lanes != nil {
+		return in.acceptLanes()
+	}
 	s := in.s
 	if in.bulk {
 		// Derive the keys before accepting, so a failure can still be
@@ -75,6 +79,12 @@ func (in *Incoming) Refuse(err error) {
 		return
 	}
 	in.answered = true
+	if in.lanes != nil {
+		for _, l := range in.lanes {
+			refuse(l, err)
+		}
+		return
+	}
 	refuse(in.s, err)
 }
 
@@ -104,6 +114,7 @@ type Listener struct {
 
 	incoming   chan *Incoming
 	handshakes chan struct{} // a slot per TCP connection in its handshake
+	lanes      laneGroups
 	ctx        context.Context
 	cancel     context.CancelFunc
 	wg         sync.WaitGroup
@@ -122,7 +133,8 @@ func Listen(addr string, cfg *Config) (*Listener, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	l := &Listener{cfg: c, tls: c.serverTLS(c.Transport != QUIC), incoming: make(chan *Incoming), ctx: ctx, cancel: cancel,
-		handshakes: make(chan struct{}, c.MaxHandshakes), lastLog: map[Reason]time.Time{}, quietLog: map[Reason]int{}}
+		handshakes: make(chan struct{}, c.MaxHandshakes), lastLog: map[Reason]time.Time{}, quietLog: map[Reason]int{},
+		lanes: laneGroups{groups: map[laneKey]*laneGroup{}, max: c.MaxHandshakes}}
 	switch c.Transport {
 	case QUIC:
 		udp, err := net.ListenPacket("udp", addr)
@@ -181,6 +193,7 @@ func (l *Listener) Close() error {
 	var err error
 	l.once.Do(func() {
 		l.cancel()
+		l.lanes.closeAll()
 		if l.tcp != nil {
 			err = l.tcp.Close()
 		}
@@ -220,10 +233,13 @@ func (l *Listener) deliver(in *Incoming) {
 	// The owner answers after its own local connect, bounded by DialTimeout;
 	// the deadline stays until it does.
 	_ = in.s.SetDeadline(time.Now().Add(l.cfg.ReplyTimeout))
+	for _, s := range in.lanes {
+		_ = s.SetDeadline(time.Now().Add(l.cfg.ReplyTimeout))
+	}
 	select {
 	case l.incoming <- in:
 	case <-l.ctx.Done():
-		refuse(in.s, &RefusedError{Reason: ReasonShuttingDown})
+		in.Refuse(&RefusedError{Reason: ReasonShuttingDown})
 	}
 }
 
@@ -350,6 +366,9 @@ func (l *Listener) handshakeTLS(pc *tcpConn) (*Incoming, error) {
 		}
 		return nil, nil
 	}
+	if h.lane.count > 0 {
+		return l.joinLane(h, peer, s, bulk)
+	}
 	return &Incoming{Header: h, Peer: peer, Transport: TLS, s: s, bulk: bulk}, nil
 }
 
@@ -363,6 +382,9 @@ func (l *Listener) readPlain(pc *tcpConn) (*Incoming, error) {
 	}
 	var buf [MaxHeaderLen]byte
 	h, wire, err := readHeader(io.MultiReader(bytes.NewReader(pc.first), pc.TCPConn), &buf)
+	if err == nil && h.lane.count > 0 {
+		err = errLaneTransport
+	}
 	if err != nil {
 		refuse(s, err)
 		return nil, err
@@ -414,6 +436,9 @@ func (l *Listener) readQUICStream(s *quicStream, peer string) {
 	h, _, err := readHeader(s, &buf)
 	if err == nil && h.Kind == KindPlainKey {
 		err = &RefusedError{Reason: ReasonUnknownKind, Detail: "plain keys are issued over tls"}
+	}
+	if err == nil && h.lane.count > 0 {
+		err = errLaneTransport
 	}
 	if err != nil {
 		refuse(s, err)

@@ -29,7 +29,7 @@ var flagGroups = map[string][]struct {
 	flags []string
 }{
 	"serve": {
-		{"The tunnel port", []string{"listen", "transport", "cert", "key", "ca", "allow-peer", "insecure-plaintext", "tcp-congestion", "tcp-buffer"}},
+		{"The tunnel port", []string{"listen", "transport", "cert", "key", "ca", "allow-peer", "insecure-plaintext", "tcp-congestion", "tcp-buffer", "stripes"}},
 		{"Where streams go", []string{"route", "forward", "socket-dir"}},
 		{"VMs peers may migrate into", []string{"qmp", "qmp-dir"}},
 		{"Control and metrics", []string{"control", "control-listen", "control-token-file", "metrics-listen", "print-config"}},
@@ -39,7 +39,7 @@ var flagGroups = map[string][]struct {
 	},
 	"migrate": {
 		{"Where", []string{"control", "control-token-file", "peer", "qmp", "dest-vm"}},
-		{"What is copied", []string{"copy-storage", "disks", "multifd"}},
+		{"What is copied", []string{"copy-storage", "disks", "mirror-buffer", "multifd", "multifd-compression"}},
 		{"Postcopy", []string{"postcopy", "postcopy-start", "postcopy-bandwidth", "postcopy-preempt", "recover-timeout"}},
 		{"Limits and the end", []string{"max-bandwidth", "downtime", "timeout", "paused", "quit-source"}},
 		{"Output", []string{"json"}},

@@ -54,6 +54,7 @@ type serveConfig struct {
 	IdleTimeout       time.Duration               `json:"idle_timeout"`
 	TCPCongestion     string                      `json:"tcp_congestion"`
 	TCPBuffer         string                      `json:"tcp_buffer"`
+	Stripes           int                         `json:"stripes"`
 	DrainTimeout      time.Duration               `json:"drain_timeout"`
 	Control           string                      `json:"control"`
 	ControlListen     string                      `json:"control_listen"`
@@ -163,6 +164,12 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 			return nil, fmt.Errorf("serve: --tcp-buffer %q: want a size such as 16MiB, at most 1GiB, or kernel", c.TCPBuffer)
 		}
 		c.socketBuffer = int(n)
+	}
+	if c.Stripes < 1 || c.Stripes > tunnel.MaxStripes {
+		return nil, fmt.Errorf("serve: --stripes %d: want 1 to %d", c.Stripes, tunnel.MaxStripes)
+	}
+	if c.Stripes > 1 && tr != tunnel.TLS {
+		return nil, fmt.Errorf("serve: --stripes needs --transport tls (striped streams ride on its authenticated records)")
 	}
 	if _, err := newLogger(io.Discard, c.LogFormat, c.LogLevel); err != nil {
 		return nil, err
@@ -275,6 +282,7 @@ func (c *serveConfig) define(fs *flag.FlagSet) {
 	fs.DurationVar(&c.HandshakeTimeout, "handshake-timeout", tunnel.DefaultHandshakeTimeout, "bound on an incoming stream's handshake and header (quic: the handshake's idle timeout; at most twice it in all)")
 	fs.DurationVar(&c.IdleTimeout, "idle-timeout", tunnel.DefaultIdleTimeout, "a QUIC peer silent this long is declared dead; TCP connections probe a peer silent this long (keepalive) and give up after three probes")
 	fs.StringVar(&c.TCPCongestion, "tcp-congestion", "", "TCP congestion control of the tunnel's connections (tls, plain): bbr, cubic, reno, or \"kernel\" for the host's default (default: bbr when the kernel has it)")
+	fs.IntVar(&c.Stripes, "stripes", 1, "stripe every stream this host opens over this many TLS connections to the peer (1 to 16; 1: one connection each): for long paths where one connection is held by its window or a per-flow limit; the peer must know striping (this release)")
 	fs.StringVar(&c.TCPBuffer, "tcp-buffer", bench.FormatSize(tunnel.DefaultSocketBuffer), "send and receive buffer of each tunnel TCP connection, e.g. 16MiB (as root beyond net.core.wmem_max), or \"kernel\" for the kernel's autotuning")
 	fs.DurationVar(&c.DrainTimeout, "drain-timeout", 30*time.Second, "on SIGTERM, how long streams in flight may go on before they are aborted")
 	fs.StringVar(&c.Control, "control", "", "the local control endpoint, a UNIX socket (mode 0600): unix:PATH (default: none)")
@@ -385,6 +393,7 @@ func newServer(c *serveConfig, store *certs.Store, log *slog.Logger) (*proxy.Ser
 			IdleTimeout:      c.IdleTimeout,
 			Congestion:       c.TCPCongestion,
 			SocketBuffer:     c.socketBuffer,
+			Stripes:          c.Stripes,
 		},
 		Routes:                 c.routes,
 		Forwards:               c.forwards,
@@ -436,6 +445,13 @@ func openEndpoints(srv *proxy.Server, c *serveConfig, log *slog.Logger) ([]strin
 	}
 	if c.InsecurePlaintext {
 		log.Warn("plaintext allowed: migration bytes of plain streams cross the network unencrypted")
+	}
+	w := tunnel.BufferWarning(c.socketBuffer)
+	if c.transport == tunnel.QUIC {
+		w = tunnel.QUICBufferWarning()
+	}
+	if w != "" {
+		log.Warn(w)
 	}
 	return controls, nil
 }
