@@ -32,6 +32,15 @@ const (
 // AllBaselines lists every baseline, in the order they run.
 var AllBaselines = []string{Direct, GoTLSRelay, QUICGoNaive, Socat, SocatCubic, Stunnel}
 
+// Guest contents of a QEMU run (Config.Guest).
+const (
+	// GuestRandom is random RAM and disk: nothing compresses.
+	GuestRandom = "random"
+	// GuestCompressible has three quarters of each page a repeated text,
+	// as code and text pages compress.
+	GuestCompressible = "compressible"
+)
+
 // Transports lists the migtun transports a run may measure.
 var Transports = []string{"tls", "quic", "plain"}
 
@@ -81,6 +90,12 @@ type Config struct {
 	// migration (a mirror over NBD, as "--copy-storage all" does); 0
 	// migrates RAM and device state only.
 	Disk int64
+	// Guest, for RunQEMU, is what the guest's RAM and disk hold: GuestRandom
+	// (the default, also for "") or GuestCompressible.
+	Guest string
+	// MultifdCompression, for RunQEMU, is QEMU's multifd-compression on
+	// the migtun paths with multifd (none, zlib, zstd); empty keeps QEMU's.
+	MultifdCompression string
 	// Limit, when set, cuts a path short after this long: its Result holds
 	// the bytes the sink counted by then and is marked Partial. A run
 	// across a slow or lossy link uses it so that one stalled baseline
@@ -255,6 +270,14 @@ func (cfg *Config) Validate() error {
 	}
 	if cfg.Size < 0 {
 		return &ConfigError{"size", fmt.Sprintf("%d: want a positive volume", cfg.Size)}
+	}
+	if cfg.Guest != "" && cfg.Guest != GuestRandom && cfg.Guest != GuestCompressible {
+		return &ConfigError{"guest", fmt.Sprintf("%q: want %s or %s", cfg.Guest, GuestRandom, GuestCompressible)}
+	}
+	switch cfg.MultifdCompression {
+	case "", "none", "zlib", "zstd":
+	default:
+		return &ConfigError{"multifd-compression", fmt.Sprintf("%q: want none, zlib or zstd", cfg.MultifdCompression)}
 	}
 	if cfg.Disk < 0 || cfg.Disk%512 != 0 {
 		return &ConfigError{"disk", fmt.Sprintf("%d: want a multiple of 512 bytes", cfg.Disk)}

@@ -96,7 +96,8 @@ func measureQEMU(ctx context.Context, cfg *Config, p path, e *env, index, total 
 		return fail("starting the destination QEMU: %v", err)
 	}
 	defer dst.Close()
-	src, err := vmtest.Start(sctx, vmtest.Options{Dir: e.dir, Name: "src", RAM: cfg.Size, Disk: disk, Random: true})
+	src, err := vmtest.Start(sctx, vmtest.Options{Dir: e.dir, Name: "src", RAM: cfg.Size, Disk: disk, Random: true,
+		Compressible: cfg.Guest == GuestCompressible})
 	if err != nil {
 		return fail("starting the source QEMU: %v", err)
 	}
@@ -112,7 +113,7 @@ func measureQEMU(ctx context.Context, cfg *Config, p path, e *env, index, total 
 	}
 	o := vmtest.MigrateOptions{MainURI: "unix:" + entries[0], IncomingURI: "unix:" + e.sink(), MaxBandwidth: qemuMaxBandwidth}
 	if p.streams > 1 {
-		o.Multifd = p.streams
+		o.Multifd, o.MultifdCompression = p.streams, cfg.MultifdCompression
 	}
 	if cfg.Disk > 0 {
 		// The mirror keeps as much in flight as "migtun migrate" has it.

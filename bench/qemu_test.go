@@ -139,7 +139,8 @@ func TestQEMUAcrossLossyLink(t *testing.T) {
 }
 
 // TestBenchQEMUCommand runs "migtun bench --qemu" through the CLI with a
-// small guest and no disk, so the flags keep working.
+// small compressible guest, no disk and multifd 2 compressed by zstd, so
+// the flags keep working (RunQEMU compares the RAM).
 func TestBenchQEMUCommand(t *testing.T) {
 	if _, err := vmtest.QEMUBinary(); err != nil {
 		if os.Getenv("CI") == "true" {
@@ -147,12 +148,12 @@ func TestBenchQEMUCommand(t *testing.T) {
 		}
 		t.Skipf("%v; skipping", err)
 	}
-	out, err := exec.Command(migtunBin, "bench", "--qemu", "--transport", "tls", "--streams", "1", "--baselines", "direct",
-		"--size", "32MiB", "--disk", "0").CombinedOutput()
+	out, err := exec.Command(migtunBin, "bench", "--qemu", "--transport", "tls", "--streams", "2", "--baselines", "direct",
+		"--size", "32MiB", "--disk", "0", "--guest", "compressible", "--multifd-compression", "zstd").CombinedOutput()
 	if err != nil {
 		t.Fatalf("migtun bench --qemu: %v\n%s", err, out)
 	}
-	for _, want := range []string{"32MiB of guest RAM migrated by QEMU", "migtun/tls/1", "direct"} {
+	for _, want := range []string{"32MiB of guest RAM migrated by QEMU through each path; a compressible guest; multifd-compression zstd", "migtun/tls/2", "direct"} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}

@@ -31,13 +31,17 @@ type Report struct {
 	Mode string `json:"mode"`
 	// Size is the volume pushed (ModeStream) or the guest RAM (ModeQEMU).
 	Size int64 `json:"size_bytes"`
-	// Disk is the guest disk a ModeQEMU run copied with each migration.
-	Disk    int64    `json:"disk_bytes,omitempty"`
-	Machine Machine  `json:"machine"`
-	CPUNote string   `json:"cpu_note"`
-	Results []Result `json:"results"`
-	Ratios  []Ratio  `json:"ratios"`
-	Targets []Target `json:"targets"`
+	// Disk is the guest disk a ModeQEMU run copied with each migration;
+	// Guest and MultifdCompression are the run's Config.Guest and
+	// Config.MultifdCompression.
+	Disk               int64    `json:"disk_bytes,omitempty"`
+	Guest              string   `json:"guest,omitempty"`
+	MultifdCompression string   `json:"multifd_compression,omitempty"`
+	Machine            Machine  `json:"machine"`
+	CPUNote            string   `json:"cpu_note"`
+	Results            []Result `json:"results"`
+	Ratios             []Ratio  `json:"ratios"`
+	Targets            []Target `json:"targets"`
 	// Link is the emulated link the run crossed; nil on loopback.
 	Link *LinkInfo `json:"link,omitempty"`
 }
@@ -215,6 +219,12 @@ func WriteTable(w io.Writer, r Report) error {
 		what = " of guest RAM migrated by QEMU through each path"
 		if r.Disk > 0 {
 			what = " of guest RAM and a " + FormatSize(r.Disk) + " disk (--copy-storage all) migrated by QEMU through each path"
+		}
+		if r.Guest == GuestCompressible {
+			what += "; a compressible guest"
+		}
+		if r.MultifdCompression != "" {
+			what += "; multifd-compression " + r.MultifdCompression
 		}
 	}
 	fmt.Fprintf(w, "%s%s; %d CPUs, %s, Linux %s, %s\n\n", FormatSize(r.Size), what, m.CPUs, m.CPUModel, m.Kernel, m.GoVersion)

@@ -153,7 +153,7 @@ func BufferWarning(n int) string {
 	}
 	return fmt.Sprintf("TCP socket buffers of %d bytes asked (--tcp-buffer), but without CAP_NET_ADMIN this host grants %d to send and %d to receive "+
 		"(net.core.wmem_max %d, rmem_max %d; autotuning up to %d and %d): one connection then moves at most that much per round trip. "+
-		"Raise net.core.wmem_max and rmem_max to %d (sysctl), or grant CAP_NET_ADMIN",
+		"Raise net.core.wmem_max and rmem_max to %d (sysctl), grant CAP_NET_ADMIN, or stripe each stream over several connections (--stripes 4, both hosts of this release)",
 		n, send, recv, l.sendMax, l.recvMax, l.sendAuto, l.recvAuto, n)
 }
 

@@ -17,7 +17,7 @@ import (
 	"github.com/migtun/migtun/internal/linkemu"
 )
 
-const benchSynopsis = `bench [--qemu [--disk 256MiB]] [--transport tls,quic,plain] [--streams 1,4] [--size 4GiB]
+const benchSynopsis = `bench [--qemu [--disk 256MiB] [--guest random|compressible] [--multifd-compression zstd]] [--transport tls,quic,plain] [--streams 1,4] [--size 4GiB]
               [--baselines direct,go-tls-relay,quic-go-naive,socat,stunnel]
               [--link metro|wan|lossy|fat|rtt=40ms,loss=1%,rate=200mbit] [--limit 60s]
               [--serve-flag FLAG]... [--json] [--svg FILE] [--dir DIR]`
@@ -34,6 +34,8 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	size := fs.String("size", "4GiB", "volume pushed through each path (e.g. 512MiB, 4GiB); with --qemu the guest RAM, default 512MiB")
 	qemu := fs.Bool("qemu", false, "migrate a real QEMU guest (paused, random RAM) through each path instead of pushing bytes; migtun paths with N streams use multifd with N channels")
 	disk := fs.String("disk", "256MiB", "with --qemu: the random guest disk each migration also copies, mirrored over NBD on a channel of its own as --copy-storage all does; 0 for RAM only")
+	guest := fs.String("guest", bench.GuestRandom, "with --qemu: what guest RAM and disk hold: random, or compressible (three quarters of each page a repeated text)")
+	compression := fs.String("multifd-compression", "", "with --qemu: QEMU's multifd-compression (none, zlib, zstd) on the migtun paths with multifd")
 	baselines := fs.String("baselines", strings.Join(bench.AllBaselines, ","),
 		"comma-separated baselines to measure beside migtun (socat and stunnel are skipped when not installed); \"none\" for none")
 	asJSON := fs.Bool("json", false, "print the results as JSON instead of a table")
@@ -84,9 +86,12 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 		return fmt.Errorf("bench: --size: %w", err)
 	}
 	cfg.Size = n
-	if flagSet(fs, "disk") && !*qemu {
-		return errors.New("bench: --disk needs --qemu (it is the guest disk a migration copies)")
+	for _, f := range []string{"disk", "guest", "multifd-compression"} {
+		if flagSet(fs, f) && !*qemu {
+			return fmt.Errorf("bench: --%s needs --qemu (it describes the guest a migration moves)", f)
+		}
 	}
+	cfg.Guest, cfg.MultifdCompression = *guest, *compression
 	if *qemu && *disk != "0" {
 		if cfg.Disk, err = bench.ParseSize(*disk); err != nil {
 			return fmt.Errorf("bench: --disk: %w", err)
@@ -133,6 +138,9 @@ func runBench(args []string, stdout, stderr io.Writer) error {
 	}
 	rep := report(cfg.Size, results)
 	rep.Disk = cfg.Disk
+	if *qemu {
+		rep.Guest, rep.MultifdCompression = cfg.Guest, cfg.MultifdCompression
+	}
 	if cfg.Link != nil {
 		linkInfo.AddStats(cfg.Link)
 		rep.SetLink(linkInfo)

@@ -7,8 +7,8 @@ import (
 	"testing"
 )
 
-// TestLinkFlagsNamed: bad values of the link and socket flags are refused
-// with the flag named, before anything starts.
+// TestLinkFlagsNamed: bad values of the link, socket, striping, disk and
+// mirror flags are refused with the flag named, before anything starts.
 func TestLinkFlagsNamed(t *testing.T) {
 	dir := t.TempDir()
 	for _, name := range []string{"c.crt", "c.key", "ca.crt"} {
@@ -21,6 +21,11 @@ func TestLinkFlagsNamed(t *testing.T) {
 	}{
 		{append([]string{"serve", "--tcp-buffer", "lots"}, files...), "--tcp-buffer"},
 		{append([]string{"serve", "--tcp-buffer", "2GiB"}, files...), "--tcp-buffer"},
+		{append([]string{"serve", "--stripes", "17"}, files...), "--stripes"},
+		{append([]string{"serve", "--stripes", "4", "--transport", "quic"}, files...), "--stripes"},
+		{[]string{"bench", "--disk", "1GiB"}, "--disk"},
+		{[]string{"bench", "--qemu", "--disk", "1000"}, "--disk"},
+		{[]string{"migrate", "--control", "unix:/x", "--peer", "p:1", "--qmp", "unix:/q", "--dest-vm", "v", "--mirror-buffer", "lots"}, "--mirror-buffer"},
 		{[]string{"bench", "--link", "lan"}, "--link"},
 		{[]string{"bench", "--link", "rtt=40ms,loss=300%"}, "--link"},
 	} {

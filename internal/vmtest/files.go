@@ -21,6 +21,24 @@ const fillChunk = 8 << 20
 // from ChaCha8 seeded by seed, using all CPUs. The content depends only on
 // seed and size.
 func FillRandom(ctx context.Context, f *os.File, size int64, seed uint64) error {
+	return fill(ctx, f, size, seed, false)
+}
+
+// FillCompressible is FillRandom with only the first quarter of each 4 KiB
+// page random and the rest a repeated text, as pages of code and text are:
+// such content compresses about fourfold, and has no page of zeros.
+func FillCompressible(ctx context.Context, f *os.File, size int64, seed uint64) error {
+	return fill(ctx, f, size, seed, true)
+}
+
+// compressibleText repeats in the compressible part of each page.
+const compressibleText = "migtun moves live virtual machines between hosts over one encrypted port. "
+
+func fill(ctx context.Context, f *os.File, size int64, seed uint64, compressible bool) error {
+	var text []byte
+	for len(text) < 3<<10 {
+		text = append(text, compressibleText...)
+	}
 	chunks := (size + fillChunk - 1) / fillChunk
 	workers := int64(runtime.GOMAXPROCS(0))
 	var wg sync.WaitGroup
@@ -39,6 +57,11 @@ func FillRandom(ctx context.Context, f *os.File, size int64, seed uint64) error 
 					key[8+i] = byte(uint64(c) >> (8 * i))
 				}
 				rand.NewChaCha8(key).Read(buf)
+				if compressible {
+					for p := 0; p < len(buf); p += 4 << 10 {
+						copy(buf[p+1<<10:p+4<<10], text)
+					}
+				}
 				off := c * fillChunk
 				n := min(int64(fillChunk), size-off)
 				if _, err := f.WriteAt(buf[:n], off); err != nil {

@@ -49,6 +49,9 @@ type MigrateOptions struct {
 	NBDClientPath string
 	// Multifd is the number of multifd channels; 0 disables multifd.
 	Multifd int
+	// MultifdCompression, with Multifd, is both QEMUs' multifd-compression
+	// (none, zlib, zstd); empty keeps QEMU's.
+	MultifdCompression string
 	// MirrorBuffer is the disk mirror's data in flight (QEMU's buf-size);
 	// 0 keeps QEMU's default.
 	MirrorBuffer int64
@@ -114,6 +117,9 @@ func (m *migration) run(ctx context.Context) (*Result, error) {
 	params := map[string]any{"max-bandwidth": o.MaxBandwidth}
 	if o.Multifd > 0 {
 		params["multifd-channels"] = o.Multifd
+		if o.MultifdCompression != "" {
+			params["multifd-compression"] = o.MultifdCompression
+		}
 	}
 
 	// Destination: capabilities before migrate-incoming, then the export.

@@ -47,6 +47,9 @@ type Options struct {
 	// Random fills RAM and disk with random bytes before QEMU starts (a
 	// migration source). Otherwise both start as zeros.
 	Random bool
+	// Compressible, with Random, makes three quarters of each page a
+	// repeated text (see FillCompressible).
+	Compressible bool
 	// Seed makes the random content reproducible; 0 picks a random seed.
 	Seed uint64
 	// QEMU is the generation to run (see [FindGeneration]); the zero
@@ -226,7 +229,12 @@ func (v *VM) prepareFiles(ctx context.Context) error {
 		if err := f.file.Truncate(f.size); err != nil {
 			return fmt.Errorf("vmtest: size %s: %w", f.file.Name(), err)
 		}
-		if o.Random {
+		switch {
+		case o.Random && o.Compressible:
+			if err := FillCompressible(ctx, f.file, f.size, f.seed); err != nil {
+				return err
+			}
+		case o.Random:
 			if err := FillRandom(ctx, f.file, f.size, f.seed); err != nil {
 				return err
 			}
