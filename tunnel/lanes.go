@@ -218,29 +218,20 @@ func (d *Dialer) OpenStriped(ctx context.Context, addr string, h Header, lanes i
 	return newStriped(streams), nil
 }
 
-// openLane opens one lane: a TLS connection that must negotiate the bulk
-// record layer.
+// openLane opens one lane: a data stream over TLS that must have switched
+// to the bulk record layer.
 func (d *Dialer) openLane(ctx context.Context, addr string, h Header) (Stream, error) {
 	wire, err := h.AppendBinary(make([]byte, 0, MaxHeaderLen))
 	if err != nil {
 		return nil, err
 	}
-	s, err := d.dialTLS(ctx, addr)
+	s, err := d.openTLS(ctx, addr, KindData, wire)
 	if err != nil {
 		return nil, err
 	}
-	if p := s.ConnectionState().NegotiatedProtocol; p != ALPNBulk {
+	if _, ok := s.(*bulkStream); !ok {
 		s.Abort()
-		return nil, fmt.Errorf("tunnel: striping to %s needs the bulk record layer; the peer speaks %q", addr, p)
+		return nil, fmt.Errorf("tunnel: striping to %s needs the bulk record layer, which the peer did not negotiate", addr)
 	}
-	if _, err := d.exchange(ctx, s, wire); err != nil {
-		s.Abort()
-		return nil, err
-	}
-	bs, err := newBulkStream(s, true)
-	if err != nil {
-		s.Abort()
-		return nil, err
-	}
-	return bs, nil
+	return s, nil
 }
