@@ -3,6 +3,8 @@ package bench
 import (
 	"bytes"
 	"encoding/json"
+	"encoding/xml"
+	"io"
 	"os"
 	"os/exec"
 	"strings"
@@ -52,5 +54,32 @@ func TestBenchAcrossLink(t *testing.T) {
 	}
 	if len(rep.Results) != len(AllBaselines)+3 {
 		t.Errorf("got %d results, want %d", len(rep.Results), len(AllBaselines)+3)
+	}
+}
+
+// TestLinkSVG: the chart of a run across a link names the link, draws its
+// rate, marks a path cut short, and is well-formed XML.
+func TestLinkSVG(t *testing.T) {
+	rep := NewReport(64<<20, []Result{
+		{Path: "migtun/tls/1", Transport: "tls", Streams: 1, Sent: 1e8, Bytes: 1e8, Seconds: 2, MBps: 50, CPUPerGB: 1.5, RelayCPUPerGB: 1},
+		{Path: SocatCubic, Baseline: true, Streams: 1, Bytes: 1e6, Seconds: 60, MBps: 1.6, Partial: true},
+	})
+	rep.SetLink(LinkInfo{Profile: "wan", Description: "wan: rtt 40ms, loss 0.1%, 400 Mbit/s", RTTms: 40, RateMbit: 400})
+	var b bytes.Buffer
+	if err := WriteSVG(&b, rep); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"across the emulated link wan: rtt 40ms", "link rate", "1.60 †", ">50<"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("the chart lacks %q", want)
+		}
+	}
+	d := xml.NewDecoder(&b)
+	for {
+		if _, err := d.Token(); err == io.EOF {
+			break
+		} else if err != nil {
+			t.Fatalf("not well-formed: %v", err)
+		}
 	}
 }

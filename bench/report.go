@@ -251,15 +251,12 @@ func WriteTable(w io.Writer, r Report) error {
 		if p.Partial {
 			rs = append(rs, fmt.Sprintf("(cut short after %.0fs, %s arrived)", p.Seconds, FormatSize(p.Bytes&^(1<<20-1))))
 		}
-		mbps := fmt.Sprintf("%.0f", p.MBps)
-		if p.MBps < 10 {
-			mbps = fmt.Sprintf("%.2f", p.MBps)
-		}
+		rate := mbps(p.MBps)
 		cpu, relayCPU := fmt.Sprintf("%.2f", p.CPUPerGB), fmt.Sprintf("%.2f", p.RelayCPUPerGB)
 		if p.Partial { // not sampled when a path is cut short
 			cpu, relayCPU = "-", "-"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\t%s\n", p.Path, mbps, cpu, relayCPU, strings.Join(rs, "  "))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t\t%s\n", p.Path, rate, cpu, relayCPU, strings.Join(rs, "  "))
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "\n%s\n", r.CPUNote)

@@ -32,6 +32,11 @@ func WriteSVG(w io.Writer, r Report) error {
 		maxMB = math.Max(maxMB, p.MBps)
 		maxCPU = math.Max(maxCPU, p.CPUPerGB)
 	}
+	linkMB := 0.0 // the link rate in MB/s, drawn as a line
+	if r.Link != nil {
+		linkMB = r.Link.RateMbit / 8
+		maxMB = math.Max(maxMB, linkMB)
+	}
 	maxMB, maxCPU = niceCeil(maxMB), niceCeil(maxCPU)
 
 	var b strings.Builder
@@ -44,13 +49,22 @@ func WriteSVG(w io.Writer, r Report) error {
 		title = "migtun bench --qemu: a QEMU migration of %s of guest RAM per path"
 	}
 	fmt.Fprintf(&b, `<text x="10" y="20" font-size="15" font-weight="bold">`+title+`</text>`+"\n", esc(FormatSize(r.Size)))
-	fmt.Fprintf(&b, `<text x="10" y="38" fill="#555">%d CPUs, %s, Linux %s, %s</text>`+"\n", m.CPUs, esc(m.CPUModel), esc(m.Kernel), esc(m.GoVersion))
+	machine := fmt.Sprintf("%d CPUs, %s, Linux %s, %s", m.CPUs, m.CPUModel, m.Kernel, m.GoVersion)
+	if r.Link != nil {
+		machine = "across the emulated link " + r.Link.Description + "; " + machine
+	}
+	fmt.Fprintf(&b, `<text x="10" y="38" fill="#555">%s</text>`+"\n", esc(machine))
 	x1 := label
 	x2 := label + panel + gap
 	fmt.Fprintf(&b, `<text x="%d" y="%d" font-weight="bold">throughput, MB/s (higher is better)</text>`+"\n", x1, top-8)
 	fmt.Fprintf(&b, `<text x="%d" y="%d" font-weight="bold">CPU seconds per GB, all processes (lower is better)</text>`+"\n", x2, top-8)
 	axis(&b, x1, top, panel, len(rows)*rowH, maxMB, "%.0f")
 	axis(&b, x2, top, panel, len(rows)*rowH, maxCPU, "%.1f")
+	if linkMB > 0 {
+		lx := float64(x1) + float64(panel)*linkMB/maxMB
+		fmt.Fprintf(&b, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#d62728" stroke-dasharray="4 3"/>`+"\n", lx, top-4, lx, top+len(rows)*rowH)
+		fmt.Fprintf(&b, `<text x="%.1f" y="%d" text-anchor="middle" fill="#d62728">link rate</text>`+"\n", lx, top+len(rows)*rowH+28)
+	}
 	for i, p := range rows {
 		y := top + i*rowH
 		fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="end">%s</text>`+"\n", label-8, y+16, esc(p.Path))
@@ -58,7 +72,11 @@ func WriteSVG(w io.Writer, r Report) error {
 		wMB := float64(panel) * p.MBps / maxMB
 		fmt.Fprintf(&b, `<rect x="%d" y="%d" width="%.1f" height="%d" fill="%s"><title>%s: %.0f MB/s</title></rect>`+"\n",
 			x1, y+4, wMB, rowH-8, c, esc(p.Path), p.MBps)
-		fmt.Fprintf(&b, `<text x="%.1f" y="%d">%.0f</text>`+"\n", float64(x1)+wMB+4, y+16, p.MBps)
+		mark := ""
+		if p.Partial {
+			mark = " †" // cut short: the rate until then
+		}
+		fmt.Fprintf(&b, `<text x="%.1f" y="%d">%s%s</text>`+"\n", float64(x1)+wMB+4, y+16, mbps(p.MBps), mark)
 		// CPU: the hops' share dark, the load generator's share light.
 		wRelay := float64(panel) * p.RelayCPUPerGB / maxCPU
 		wAll := float64(panel) * p.CPUPerGB / maxCPU
@@ -75,7 +93,11 @@ func WriteSVG(w io.Writer, r Report) error {
 		fmt.Fprintf(&b, `<rect x="%d" y="%d" width="12" height="12" fill="%s"/><text x="%d" y="%d">%s</text>`+"\n", x, ly-10, l.c, x+16, ly, l.s)
 		x += 30 + 8*len(l.s)
 	}
-	fmt.Fprintf(&b, `<text x="%d" y="%d" fill="#555">CPU bars: solid = the two hops, light = in-process sender and sink</text>`+"\n", x+10, ly)
+	note := "CPU bars: solid = the two hops, light = in-process sender and sink"
+	if r.Link != nil {
+		note = "† cut short by --limit; CPU includes the link's relay"
+	}
+	fmt.Fprintf(&b, `<text x="%d" y="%d" fill="#555">%s</text>`+"\n", x+10, ly, esc(note))
 	b.WriteString("</svg>\n")
 	_, err := io.WriteString(w, b.String())
 	return err
@@ -115,3 +137,11 @@ func color(p Result) string {
 }
 
 func esc(s string) string { return html.EscapeString(s) }
+
+// mbps renders a rate as the table does: whole MB/s, two decimals below 10.
+func mbps(v float64) string {
+	if v < 10 {
+		return fmt.Sprintf("%.2f", v)
+	}
+	return fmt.Sprintf("%.0f", v)
+}
