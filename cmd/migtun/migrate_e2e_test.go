@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -26,7 +27,7 @@ type migrateRig struct {
 	srcVM, dstVM   *vmtest.VM
 }
 
-func newMigrateRig(t *testing.T, q vmtest.QEMU, ram, disk int64) *migrateRig {
+func newMigrateRig(t *testing.T, q vmtest.QEMU, ram, disk int64, serveFlags ...string) *migrateRig {
 	r := &migrateRig{dir: shortTempDir(t)}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -37,9 +38,9 @@ func newMigrateRig(t *testing.T, q vmtest.QEMU, ram, disk int64) *migrateRig {
 	ca := pki(t, "src", "dst")
 	r.srcCtl, r.dstCtl = "unix:"+filepath.Join(r.dir, "src.ctl"), "unix:"+filepath.Join(r.dir, "dst.ctl")
 	r.srcSocks, r.dstSocks = filepath.Join(r.dir, "ss"), filepath.Join(r.dir, "ds")
-	r.dst = startServe(t, ca, "dst", nil, "--control", r.dstCtl, "--socket-dir", r.dstSocks,
-		"--qmp", "vm1=unix:"+r.dstVM.QMPPath)
-	r.src = startServe(t, ca, "src", nil, "--control", r.srcCtl, "--socket-dir", r.srcSocks)
+	r.dst = startServe(t, ca, "dst", nil, append([]string{"--control", r.dstCtl, "--socket-dir", r.dstSocks,
+		"--qmp", "vm1=unix:" + r.dstVM.QMPPath}, serveFlags...)...)
+	r.src = startServe(t, ca, "src", nil, append([]string{"--control", r.srcCtl, "--socket-dir", r.srcSocks}, serveFlags...)...)
 	return r
 }
 
@@ -90,8 +91,9 @@ func (r *migrateRig) checkClean(t *testing.T) {
 // TestMigrateCommand moves a paused VM with a random disk and RAM with
 // "migtun migrate --copy-storage all --paused", single channel, with
 // multifd 4, with multifd 2 compressed by zstd (and a small mirror
-// buffer), and in postcopy, and checks both images are identical, on each
-// QEMU generation. The first generation's multifd run is full size, the others
+// buffer), with multifd 2 and every stream striped over three connections
+// (serve --stripes 3), and in postcopy, and checks both images are
+// identical, on each QEMU generation. The first generation's multifd run is full size, the others
 // small.
 func TestMigrateCommand(t *testing.T) {
 	first := true
@@ -105,18 +107,20 @@ func testMigrateCommand(t *testing.T, q vmtest.QEMU, fullSize bool) {
 	for _, tc := range []struct {
 		name  string
 		extra []string
+		serve []string
 	}{
-		{"single", nil},
-		{"multifd4", []string{"--multifd", "4", "--json"}},
-		{"zstd", []string{"--multifd", "2", "--multifd-compression", "zstd", "--mirror-buffer", "4MiB", "--json"}},
-		{"postcopy", []string{"--postcopy", "--json"}},
+		{"single", nil, nil},
+		{"multifd4", []string{"--multifd", "4", "--json"}, nil},
+		{"zstd", []string{"--multifd", "2", "--multifd-compression", "zstd", "--mirror-buffer", "4MiB", "--json"}, nil},
+		{"striped", []string{"--multifd", "2", "--json"}, []string{"--stripes", "3", "--metrics-listen", "127.0.0.1:0"}},
+		{"postcopy", []string{"--postcopy", "--json"}, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ram, disk := int64(128<<20), int64(32<<20)
 			if fullSize && tc.name == "multifd4" && !testing.Short() {
 				ram, disk = vmtest.DefaultRAM, vmtest.DefaultDisk
 			}
-			r := newMigrateRig(t, q, ram, disk)
+			r := newMigrateRig(t, q, ram, disk, tc.serve...)
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 			defer cancel()
 			start := time.Now()
@@ -134,6 +138,9 @@ func testMigrateCommand(t *testing.T, q vmtest.QEMU, fullSize bool) {
 					}
 				}
 			}
+			if tc.name == "striped" {
+				checkStriped(t, r.dst.LogPath, 3)
+			}
 			if tc.name == "postcopy" {
 				// The switch comes after the first pass; a paused guest may
 				// complete before QEMU reports it, so this is logged only.
@@ -148,6 +155,33 @@ func testMigrateCommand(t *testing.T, q vmtest.QEMU, fullSize bool) {
 			}
 			r.checkClean(t)
 		})
+	}
+}
+
+// checkStriped checks, through the metrics of the destination's serve
+// (log at logPath), that it took each data stream over lanes connections:
+// peer connections accepted are at least lanes per data stream.
+func checkStriped(t *testing.T, logPath string, lanes int) {
+	t.Helper()
+	m := scrapeMetrics(t, logPath)
+	var streams, conns float64
+	for line := range strings.Lines(m) {
+		f := strings.Fields(line)
+		if len(f) != 2 {
+			continue
+		}
+		v, err := strconv.ParseFloat(f[1], 64)
+		switch {
+		case err != nil:
+		case strings.HasPrefix(f[0], "migtun_streams_total{"):
+			streams += v
+		case strings.HasPrefix(f[0], "migtun_peer_connections_total{") && strings.Contains(f[0], `direction="in"`):
+			conns += v
+		}
+	}
+	if streams < 3 || conns < float64(lanes)*streams {
+		t.Errorf("the destination took %v data streams over %v connections; want %d connections a stream:\n%s\n%s",
+			streams, conns, lanes, grepLines(m, "migtun_streams_total"), grepLines(m, "migtun_peer_connections_total"))
 	}
 }
 
