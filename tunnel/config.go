@@ -156,7 +156,7 @@ func (c *Config) withDefaults() (*Config, error) {
 		out.SocketBuffer = DefaultSocketBuffer
 	}
 	if out.Stripes < 0 || out.Stripes > MaxStripes {
-		return nil, fmt.Errorf("tunnel: %d stripes: want 1 to %d", out.Stripes, MaxStripes)
+		return nil, fmt.Errorf("tunnel: %d stripes: want 0 or 1 (none) to %d", out.Stripes, MaxStripes)
 	}
 	if out.HandshakeTimeout <= 0 {
 		out.HandshakeTimeout = DefaultHandshakeTimeout

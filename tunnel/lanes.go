@@ -31,18 +31,32 @@ type laneGroup struct {
 	stop  func() bool // stops the expiry
 }
 
-// laneGroups are the striped streams whose lanes are still coming.
+// laneGroups are the striped streams whose lanes are still coming. Their
+// lanes hold no handshake slot while they wait, so they have budgets of
+// their own: groups in all, groups of one peer, and lanes held.
 type laneGroups struct {
-	mu     sync.Mutex
-	groups map[laneKey]*laneGroup
-	max    int
+	mu      sync.Mutex
+	groups  map[laneKey]*laneGroup
+	perPeer map[string]int
+	held    int // lanes in groups still gathering
+	max     int // groups in all
+	peerMax int // groups of one peer
+	heldMax int // lanes held
+}
+
+// newLaneGroups sizes the budgets from the handshake limit: a host takes
+// as many gathering groups as connections in their handshake, a quarter
+// of them from one peer, and four lanes held for each.
+func newLaneGroups(handshakes int) laneGroups {
+	return laneGroups{groups: map[laneKey]*laneGroup{}, perPeer: map[string]int{},
+		max: handshakes, peerMax: max(1, handshakes/4), heldMax: 4 * handshakes}
 }
 
 // joinLane adds the lane s with header h to its group. The first lane
-// (number 0) waits for the others, for up to the handshake timeout, and
-// becomes the group's Incoming; the others are held by the group and
-// return (nil, nil).
-func (l *Listener) joinLane(h Header, peer string, s *tlsStream, bulk bool) (*Incoming, error) {
+// (number 0) gives back its handshake slot (release), waits for the
+// others, for up to the handshake timeout, and becomes the group's
+// Incoming; the others are held by the group and return (nil, nil).
+func (l *Listener) joinLane(h Header, peer string, s *tlsStream, bulk bool, release func()) (*Incoming, error) {
 	if !bulk {
 		err := &RefusedError{Reason: ReasonMalformed, Detail: "striped streams need the bulk record layer"}
 		refuse(s, err)
@@ -56,6 +70,7 @@ func (l *Listener) joinLane(h Header, peer string, s *tlsStream, bulk bool) (*In
 	if h.lane.index != 0 {
 		return nil, nil // held by the group; lane 0 answers for it
 	}
+	release()
 	select {
 	case <-g.done:
 	case <-l.ctx.Done():
@@ -81,9 +96,12 @@ func (gs *laneGroups) join(h Header, peer string, s *tlsStream, wait time.Durati
 	key := laneKey{peer: peer, group: h.lane.group}
 	gs.mu.Lock()
 	defer gs.mu.Unlock()
+	if gs.held >= gs.heldMax {
+		return nil, &RefusedError{Reason: ReasonLimit, Detail: "too many lanes of striped streams waiting for the others"}
+	}
 	g := gs.groups[key]
 	if g == nil {
-		if len(gs.groups) >= gs.max {
+		if len(gs.groups) >= gs.max || gs.perPeer[peer] >= gs.peerMax {
 			return nil, &RefusedError{Reason: ReasonLimit, Detail: "too many striped streams gathering their lanes"}
 		}
 		g = &laneGroup{key: key, first: h, lanes: make([]*tlsStream, h.lane.count), done: make(chan struct{})}
@@ -91,6 +109,7 @@ func (gs *laneGroups) join(h Header, peer string, s *tlsStream, wait time.Durati
 		t := time.AfterFunc(wait, func() { gs.expire(g) })
 		g.stop = t.Stop
 		gs.groups[key] = g
+		gs.perPeer[peer]++
 	}
 	want := g.first
 	got := h
@@ -105,31 +124,50 @@ func (gs *laneGroups) join(h Header, peer string, s *tlsStream, wait time.Durati
 	}
 	g.lanes[h.lane.index] = s
 	g.have++
+	gs.held++
 	if g.have == len(g.lanes) {
 		g.full = true
 		g.stop()
-		delete(gs.groups, key)
+		gs.remove(g)
 		close(g.done)
 	}
 	return g, nil
+}
+
+// remove takes g and its lanes off the budgets; gs.mu is held.
+func (gs *laneGroups) remove(g *laneGroup) {
+	delete(gs.groups, g.key)
+	gs.held -= g.have
+	if gs.perPeer[g.key.peer]--; gs.perPeer[g.key.peer] <= 0 {
+		delete(gs.perPeer, g.key.peer)
+	}
 }
 
 // expire drops g unless all its lanes came, closing every lane but the
 // first, whose goroutine refuses it.
 func (gs *laneGroups) expire(g *laneGroup) {
 	gs.mu.Lock()
-	defer gs.mu.Unlock()
 	if g.full || gs.groups[g.key] != g {
+		gs.mu.Unlock()
 		return
 	}
-	delete(gs.groups, g.key)
+	gs.remove(g)
 	g.stop()
 	close(g.done)
-	for i, s := range g.lanes[1:] {
+	held := append([]*tlsStream(nil), g.lanes[1:]...)
+	gs.mu.Unlock()
+	for i, s := range held {
 		if s != nil {
 			refuse(s, &RefusedError{Reason: ReasonTimeout, Detail: fmt.Sprintf("lane %d: not every lane came within the handshake timeout", i+1)})
 		}
 	}
+}
+
+// count is the number of groups gathering.
+func (gs *laneGroups) count() int {
+	gs.mu.Lock()
+	defer gs.mu.Unlock()
+	return len(gs.groups)
 }
 
 // closeAll closes the lanes of every group still gathering (listener

@@ -134,7 +134,7 @@ func Listen(addr string, cfg *Config) (*Listener, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	l := &Listener{cfg: c, tls: c.serverTLS(c.Transport != QUIC), incoming: make(chan *Incoming), ctx: ctx, cancel: cancel,
 		handshakes: make(chan struct{}, c.MaxHandshakes), lastLog: map[Reason]time.Time{}, quietLog: map[Reason]int{},
-		lanes: laneGroups{groups: map[laneKey]*laneGroup{}, max: c.MaxHandshakes}}
+		lanes: newLaneGroups(c.MaxHandshakes)}
 	switch c.Transport {
 	case QUIC:
 		udp, err := net.ListenPacket("udp", addr)
@@ -306,7 +306,7 @@ func (l *Listener) handshakeTCP(c *net.TCPConn) {
 	var in *Incoming
 	var err error
 	if first[0] == tlsRecordHandshake {
-		in, err = l.handshakeTLS(pc)
+		in, err = l.handshakeTLS(pc, release)
 	} else {
 		in, err = l.readPlain(pc)
 	}
@@ -317,8 +317,8 @@ func (l *Listener) handshakeTCP(c *net.TCPConn) {
 	if in == nil { // handled here (plain key exchange)
 		return
 	}
-	if !stop() {
-		c.Close()
+	if !stop() { // the listener is closing
+		in.Refuse(&RefusedError{Reason: ReasonShuttingDown})
 		return
 	}
 	release() // authenticated: no longer counted while it waits for its owner
@@ -326,8 +326,9 @@ func (l *Listener) handshakeTCP(c *net.TCPConn) {
 }
 
 // handshakeTLS runs the TLS handshake and reads the header. It returns
-// (nil, nil) for a stream it served itself.
-func (l *Listener) handshakeTLS(pc *tcpConn) (*Incoming, error) {
+// (nil, nil) for a stream it served itself. release gives back the
+// connection's handshake slot, for a lane that waits for the others.
+func (l *Listener) handshakeTLS(pc *tcpConn, release func()) (*Incoming, error) {
 	tc := tls.Server(pc, l.tls)
 	s := &tlsStream{Conn: tc}
 	start := time.Now()
@@ -367,7 +368,7 @@ func (l *Listener) handshakeTLS(pc *tcpConn) (*Incoming, error) {
 		return nil, nil
 	}
 	if h.lane.count > 0 {
-		return l.joinLane(h, peer, s, bulk)
+		return l.joinLane(h, peer, s, bulk, release)
 	}
 	return &Incoming{Header: h, Peer: peer, Transport: TLS, s: s, bulk: bulk}, nil
 }

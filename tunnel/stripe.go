@@ -90,7 +90,9 @@ type stripedStream struct {
 	rtimer  deadline
 
 	done      chan struct{} // closed when Close or Abort begins
+	doneOnce  sync.Once
 	closeOnce sync.Once
+	abortOnce sync.Once
 }
 
 // newStriped starts the lane readers and writers of a stream over lanes.
@@ -183,15 +185,24 @@ func (s *stripedStream) sendLane(l Stream) {
 // CloseWrite sends what is queued, then every lane's end: the peer reads
 // EOF once it has every frame.
 func (s *stripedStream) CloseWrite() error {
+	s.stopQueue()
+	s.writers.Wait()
+	return s.writeErr()
+}
+
+// stopQueue closes the send queue once: the lane writers send what it
+// holds, then their end frames. Write holds wmu while it queues, and gives
+// up at done, so wmu is never held for long.
+func (s *stripedStream) stopQueue() {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	if !s.wclosed {
 		s.wclosed = true
 		close(s.sendq)
 	}
-	s.writers.Wait()
-	return s.writeErr()
 }
+
+func (s *stripedStream) closeDone() { s.doneOnce.Do(func() { close(s.done) }) }
 
 // receiveLane reads the frames of lane i until its end, a failure or
 // Close, handing each to Read in turn.
@@ -343,20 +354,17 @@ func (s *stripedStream) Read(b []byte) (int, error) {
 }
 
 // Close sends what was written (for up to closeFlush), ends the stream and
-// waits for its lanes' goroutines.
+// waits for its lanes' goroutines. A Write still running returns
+// net.ErrClosed.
 func (s *stripedStream) Close() error {
 	var err error
 	s.closeOnce.Do(func() {
-		close(s.done)
-		s.wmu.Lock()
-		if !s.wclosed {
-			s.wclosed = true
-			close(s.sendq)
-			s.setLaneWriteDeadline(time.Now().Add(closeFlush))
-		}
-		s.wmu.Unlock()
+		s.closeDone()
+		s.setLaneWriteDeadline(time.Now().Add(closeFlush))
+		s.stopQueue()
 		s.writers.Wait()
-		err = s.shut(func(l Stream) error { return l.Close() })
+		err = s.endLanes(func(l Stream) error { return l.Close() })
+		s.shut()
 	})
 	return err
 }
@@ -364,37 +372,39 @@ func (s *stripedStream) Close() error {
 // closeFlush bounds how long Close waits for queued frames to be sent.
 const closeFlush = 5 * time.Second
 
-// Abort ends every lane at once; the peer sees a failure.
+// Abort resets every lane at once, whatever else is running (a Close
+// flushing, a CloseWrite waiting): the peer sees a failure.
 func (s *stripedStream) Abort() error {
 	var err error
-	s.closeOnce.Do(func() {
-		close(s.done)
+	s.abortOnce.Do(func() {
 		s.failWrite(net.ErrClosed)
-		err = s.shut(func(l Stream) error { return l.Abort() })
-		s.wmu.Lock()
-		if !s.wclosed {
-			s.wclosed = true
-			close(s.sendq)
-		}
-		s.wmu.Unlock()
+		s.closeDone()
+		err = s.endLanes(func(l Stream) error { return l.Abort() })
+		s.stopQueue()
 		s.writers.Wait()
+		s.shut()
 	})
 	return err
 }
 
-// shut ends every lane with end, stops Read and waits for the lane
-// readers.
-func (s *stripedStream) shut(end func(Stream) error) error {
-	s.mu.Lock()
-	s.closed = true
-	s.cond.Broadcast()
-	s.mu.Unlock()
+// endLanes ends every lane with end.
+func (s *stripedStream) endLanes(end func(Stream) error) error {
 	var errs []error
 	for _, l := range s.lanes {
 		if err := end(l); err != nil && !errors.Is(err, net.ErrClosed) {
 			errs = append(errs, err)
 		}
 	}
+	return errors.Join(errs...)
+}
+
+// shut stops Read, waits for the lane readers (their lanes ended) and
+// gives back the frames held. It may run twice (Close and Abort).
+func (s *stripedStream) shut() {
+	s.mu.Lock()
+	s.closed = true
+	s.cond.Broadcast()
+	s.mu.Unlock()
 	s.readers.Wait()
 	s.mu.Lock()
 	for seq, f := range s.pending {
@@ -408,7 +418,6 @@ func (s *stripedStream) shut(end func(Stream) error) error {
 	s.mu.Unlock()
 	s.rtimer.stop()
 	s.wtimer.stop()
-	return errors.Join(errs...)
 }
 
 func (s *stripedStream) setLaneWriteDeadline(t time.Time) {
@@ -444,6 +453,7 @@ func (s *stripedStream) SetWriteDeadline(t time.Time) error {
 type deadline struct {
 	mu    sync.Mutex
 	t     time.Time
+	gen   uint64 // counts resets, so that a stale timer does nothing
 	timer *time.Timer
 	ch    chan struct{}
 	wake  func()
@@ -467,16 +477,17 @@ func (d *deadline) reset(t time.Time) bool {
 		d.timer = nil
 	}
 	d.t = t
+	d.gen++
 	if d.ch == nil || isClosed(d.ch) {
 		d.ch = make(chan struct{})
 	}
 	if t.IsZero() {
 		return false
 	}
-	ch := d.ch
+	ch, gen := d.ch, d.gen
 	fire := func() {
 		d.mu.Lock()
-		if d.ch == ch && !isClosed(ch) {
+		if d.gen == gen && d.ch == ch && !isClosed(ch) {
 			close(ch)
 		}
 		wake := d.wake
@@ -519,7 +530,7 @@ func (d *deadline) stop() {
 	}
 }
 
-func isClosed(ch chan struct{}) bool {
+func isClosed(ch <-chan struct{}) bool {
 	select {
 	case <-ch:
 		return true

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -84,8 +85,9 @@ func TestStripedStream(t *testing.T) {
 		t.Errorf("down: %d of %d bytes, %v", len(gotDown), len(down), errDown)
 	}
 	for i, l := range near.(*stripedStream).lanes {
-		if l.(*bulkStream).w.c.seq < 2 {
-			t.Errorf("lane %d carried nothing: every lane should take frames", i)
+		// Two records are the end frame and the end record.
+		if l.(*bulkStream).w.c.seq < 3 {
+			t.Errorf("lane %d carried no data frame: every lane should take frames", i)
 		}
 	}
 }
@@ -209,19 +211,20 @@ func TestStripedFrames(t *testing.T) {
 		t.Fatalf("good frames: %q, %v", got, err)
 	}
 	for name, lanes := range map[string][][]byte{
-		"frame twice":             {cat(frame(0, "ab"), frame(1, "cd"), endFrame(2)), cat(frame(1, "cd"), endFrame(2))},
-		"replayed past frame":     {cat(frame(0, "ab"), frame(1, "cd"), endFrame(3)), cat(frame(2, "ef"), frame(0, "ab"), endFrame(3))},
-		"backwards on a lane":     {cat(frame(0, "ab"), frame(3, "gh"), frame(2, "ef"), endFrame(4)), cat(frame(1, "cd"), endFrame(4))},
-		"frame never sent":        {cat(frame(0, "ab"), frame(2, "ef"), endFrame(4)), cat(frame(3, "gh"), endFrame(4))},
-		"totals disagree":         {cat(frame(0, "ab"), endFrame(2)), cat(frame(1, "cd"), endFrame(3))},
-		"frame past the end":      {cat(frame(0, "ab"), endFrame(1)), cat(frame(1, "cd"), endFrame(1))},
-		"end short of the frames": {cat(frame(0, "ab"), endFrame(3)), cat(frame(1, "cd"), endFrame(3))},
-		"lane without end frame":  {cat(frame(0, "ab"), frame(2, "ef"), endFrame(3)), frame(1, "cd")},
-		"lane cut mid-frame":      {cat(frame(0, "ab"), endFrame(2)), frame(1, "cd")[:13]},
-		"lane goes on after end":  {cat(frame(0, "ab"), endFrame(2), frame(2, "xx")), cat(frame(1, "cd"), endFrame(2))},
-		"empty frame":             {cat(frame(0, ""), endFrame(1)), endFrame(1)},
-		"oversized frame":         {binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint64(nil, 0), stripeChunk+1), endFrame(1)},
-		"no end at all":           {nil, nil},
+		"frame twice":                   {cat(frame(0, "ab"), frame(1, "cd"), endFrame(2)), cat(frame(1, "cd"), endFrame(2))},
+		"replayed past frame":           {cat(frame(0, "ab"), frame(1, "cd"), endFrame(3)), cat(frame(2, "ef"), frame(0, "ab"), endFrame(3))},
+		"backwards on a lane":           {cat(frame(0, "ab"), frame(3, "gh"), frame(2, "ef"), endFrame(4)), cat(frame(1, "cd"), endFrame(4))},
+		"frame never sent":              {cat(frame(0, "ab"), frame(2, "ef"), endFrame(4)), cat(frame(3, "gh"), endFrame(4))},
+		"totals disagree":               {cat(frame(0, "ab"), endFrame(2)), cat(frame(1, "cd"), endFrame(3))},
+		"totals disagree, larger first": {cat(frame(0, "ab"), frame(1, "cd"), endFrame(3)), endFrame(2)},
+		"frame past the end":            {cat(frame(0, "ab"), endFrame(1)), cat(frame(1, "cd"), endFrame(1))},
+		"end short of the frames":       {cat(frame(0, "ab"), endFrame(3)), cat(frame(1, "cd"), endFrame(3))},
+		"lane without end frame":        {cat(frame(0, "ab"), frame(2, "ef"), endFrame(3)), frame(1, "cd")},
+		"lane cut mid-frame":            {cat(frame(0, "ab"), endFrame(2)), frame(1, "cd")[:13]},
+		"lane goes on after end":        {cat(frame(0, "ab"), endFrame(2), frame(2, "xx")), cat(frame(1, "cd"), endFrame(2))},
+		"empty frame":                   {cat(frame(0, ""), endFrame(1)), endFrame(1)},
+		"oversized frame":               {binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint64(nil, 0), stripeChunk+1), endFrame(1)},
+		"no end at all":                 {nil, nil},
 	} {
 		got, err := feedStriped(t, lanes...)
 		if err == nil || !strings.HasPrefix("abcdefgh", string(got)) {
@@ -330,7 +333,8 @@ func TestStripedLanesMustAllCome(t *testing.T) {
 }
 
 // TestStripedLaneOfAnotherPeer: a peer that names another peer's group
-// cannot join its lanes: groups are per peer, so neither stream fills.
+// cannot join its lanes: groups are per peer, so neither fills, no stream
+// reaches the listener's owner, and both lanes are refused at the timeout.
 func TestStripedLaneOfAnotherPeer(t *testing.T) {
 	leaktest.Check(t)
 	ca := testpki.NewCA(t)
@@ -343,6 +347,15 @@ func TestStripedLaneOfAnotherPeer(t *testing.T) {
 	defer ln.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
+	accepted := make(chan *Incoming, 1)
+	actx, acancel := context.WithCancel(ctx)
+	go func() {
+		in, err := ln.Accept(actx)
+		if err == nil {
+			in.Refuse(errors.New("test"))
+		}
+		accepted <- in
+	}()
 	h := Header{Kind: KindData, Channel: "main", lane: laneInfo{count: 2}}
 	h.lane.group[0] = 9
 	errs := make(chan error, 2)
@@ -363,10 +376,140 @@ func TestStripedLaneOfAnotherPeer(t *testing.T) {
 		}()
 	}
 	for range 2 {
-		if err := <-errs; err == nil {
-			t.Error("a lane joined the group of another peer")
+		if err := <-errs; !errors.Is(err, &RefusedError{Reason: ReasonTimeout}) {
+			t.Errorf("a lane whose group another peer named: %v, want refused: timeout", err)
 		}
 	}
+	acancel()
+	if in := <-accepted; in != nil {
+		t.Errorf("a stream of two peers' lanes reached the owner: %+v", in.Header)
+	}
+}
+
+// TestStripedLaneRefusals: lanes over plain and QUIC are refused, as are
+// a lane of another stream than its group's, a lane number twice, and
+// groups past a peer's budget.
+func TestStripedLaneRefusals(t *testing.T) {
+	leaktest.Check(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	lane := func(index, count uint8, group byte, channel string) Header {
+		h := Header{Kind: KindData, Channel: channel, lane: laneInfo{index: index, count: count}}
+		h.lane.group[0] = group
+		return h
+	}
+	for _, tr := range []Transport{Plain, QUIC} {
+		p := newPair(t, tr)
+		if s, err := p.d.openOne(ctx, p.addr, lane(0, 2, 1, "main")); !errors.Is(err, &RefusedError{Reason: ReasonMalformed}) {
+			if s != nil {
+				s.Close()
+			}
+			t.Errorf("a lane over %s: %v, want refused: malformed", tr, err)
+		}
+	}
+	p := newPairTimeout(t, TLS, 5*time.Second)
+	p.ln.lanes.peerMax = 1
+	first := make(chan error, 1)
+	go func() { // the first lane of group 1 waits for its second
+		s, err := p.d.openLane(ctx, p.addr, lane(0, 2, 1, "main"))
+		if s != nil {
+			s.Close()
+		}
+		first <- err
+	}()
+	for p.ln.lanes.count() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	for name, h := range map[string]Header{
+		"another stream's lane": lane(1, 2, 1, "nbd"),
+		"a count of its own":    lane(1, 3, 1, "main"),
+		"lane 0 twice":          lane(0, 2, 1, "main"),
+	} {
+		want := &RefusedError{Reason: ReasonMalformed}
+		if s, err := p.d.openLane(ctx, p.addr, h); !errors.Is(err, want) {
+			if s != nil {
+				s.Close()
+			}
+			t.Errorf("%s: %v, want refused: malformed", name, err)
+		}
+	}
+	if s, err := p.d.openLane(ctx, p.addr, lane(0, 2, 2, "main")); !errors.Is(err, &RefusedError{Reason: ReasonLimit}) {
+		if s != nil {
+			s.Close()
+		}
+		t.Errorf("a second group past the peer's budget of one: %v, want refused: limit", err)
+	}
+	if err := <-first; !errors.Is(err, &RefusedError{Reason: ReasonTimeout}) {
+		t.Errorf("the first lane of a group that never filled: %v, want refused: timeout", err)
+	}
+}
+
+// TestStripedCloseWhileStuck: with a peer that reads nothing, a Write and
+// a CloseWrite block; Abort must still end the stream at once, and Close
+// after it return.
+func TestStripedCloseWhileStuck(t *testing.T) {
+	leaktest.Check(t)
+	var ls []Stream
+	for range 2 {
+		r, _ := io.Pipe() // nothing arrives
+		_, w := io.Pipe() // nothing is read: writes block
+		ls = append(ls, &pipeLane{r: r, w: w})
+	}
+	s := newStriped(ls)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); s.Write(make([]byte, 8<<20)) }()
+	go func() { defer wg.Done(); time.Sleep(20 * time.Millisecond); s.CloseWrite() }()
+	time.Sleep(50 * time.Millisecond)
+	done := make(chan struct{})
+	go func() {
+		s.Abort()
+		s.Close()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Abort and Close hang behind a blocked Write and CloseWrite")
+	}
+	wg.Wait()
+	if _, err := s.Write([]byte("x")); err == nil {
+		t.Error("a Write after Abort succeeded")
+	}
+}
+
+// TestStripedDeadlines: a read deadline that passed fails Read with a
+// timeout, one moved away lets it wait again; a write deadline that
+// passed fails a Write that cannot queue.
+func TestStripedDeadlines(t *testing.T) {
+	leaktest.Check(t)
+	p := newPair(t, TLS)
+	near, far := stripedPair(t, p, 2)
+	far.SetReadDeadline(time.Now().Add(30 * time.Millisecond))
+	if _, err := far.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("Read past its deadline: %v", err)
+	}
+	far.SetReadDeadline(time.Now().Add(time.Hour))
+	go near.Write([]byte("after"))
+	b := make([]byte, 5)
+	if _, err := io.ReadFull(far, b); err != nil || string(b) != "after" {
+		t.Fatalf("Read after the deadline moved: %q, %v", b, err)
+	}
+}
+
+// TestDeadlineStaleTimer: a deadline removed while its timer fires must
+// not expire the next one.
+func TestDeadlineStaleTimer(t *testing.T) {
+	var d deadline
+	for i := range 300 {
+		d.set(time.Now().Add(time.Microsecond))
+		d.set(time.Time{})
+		time.Sleep(100 * time.Microsecond) // let a timer already firing finish
+		if isClosed(d.expired()) {
+			t.Fatalf("try %d: a removed deadline expired", i)
+		}
+	}
+	d.stop()
 }
 
 // TestStripedHeaderRoundTrip checks the lane extension's wire form, and
@@ -392,5 +535,21 @@ func TestStripedHeaderRoundTrip(t *testing.T) {
 	ctl := Header{Kind: KindControl, Channel: "control", lane: laneInfo{count: 2}}
 	if _, err := ctl.AppendBinary(nil); err == nil {
 		t.Error("a striped control stream was accepted")
+	}
+	for name, edit := range map[string]func([]byte){
+		"reserved bytes":  func(b []byte) { b[len(b)-1] = 1 },
+		"no lanes":        func(b []byte) { b[len(b)-3] = 0 },
+		"unknown flag":    func(b []byte) { b[6] |= 0x02 },
+		"extension short": nil,
+	} {
+		b := append([]byte(nil), wire...)
+		if edit == nil {
+			b = b[:len(b)-5]
+		} else {
+			edit(b)
+		}
+		if _, err := ReadHeader(bytes.NewReader(b)); !errors.Is(err, &RefusedError{Reason: ReasonMalformed}) {
+			t.Errorf("%s: %v, want refused: malformed", name, err)
+		}
 	}
 }
