@@ -25,7 +25,21 @@ type Dialer struct {
 	udp       *quic.Transport
 	udpConn   *net.UDPConn // under udp; quic.Transport does not close it
 	closed    bool
+
+	// dialing bounds the TCP connections in their connect and TLS
+	// handshake at once, so that a burst (many striped streams) stays
+	// within what a peer takes in its handshake (MaxHandshakes) instead of
+	// being reset there.
+	dialing chan struct{}
+	// gather serializes reserving the dials of a striped stream's lanes,
+	// so that each stream's lanes dial together and reach the peer within
+	// its handshake timeout, rather than interleave with other streams'.
+	gather sync.Mutex
 }
+
+// maxDialing is Dialer.dialing's bound: a quarter of a peer's default
+// handshake limit, so four hosts may burst at one peer at once.
+const maxDialing = DefaultMaxHandshakes / 4
 
 // quicPeer is the QUIC connection to one peer, or the dial that makes it.
 type quicPeer struct {
@@ -40,7 +54,8 @@ func NewDialer(cfg *Config) (*Dialer, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Dialer{cfg: c, quicConns: make(map[string]*quicPeer), plainKeys: make(map[string]*clientKey)}, nil
+	return &Dialer{cfg: c, quicConns: make(map[string]*quicPeer), plainKeys: make(map[string]*clientKey),
+		dialing: make(chan struct{}, maxDialing)}, nil
 }
 
 // ErrDialerClosed is returned by Open after Close.
@@ -184,8 +199,36 @@ func (d *Dialer) exchange(ctx context.Context, s Stream, wire []byte) (reply, er
 	return r, nil
 }
 
-// dialTLS connects to addr and runs the TLS handshake.
+// reserveDials takes n of the maxDialing dials, all at once.
+func (d *Dialer) reserveDials(ctx context.Context, addr string, n int) error {
+	d.gather.Lock()
+	defer d.gather.Unlock()
+	for i := range n {
+		select {
+		case d.dialing <- struct{}{}:
+		case <-ctx.Done():
+			for range i {
+				<-d.dialing
+			}
+			return fmt.Errorf("dialing peer %s: %w", addr, ctx.Err())
+		}
+	}
+	return nil
+}
+
+// dialTLS connects to addr and runs the TLS handshake, at most maxDialing
+// at once.
 func (d *Dialer) dialTLS(ctx context.Context, addr string) (*tlsStream, error) {
+	if err := d.reserveDials(ctx, addr, 1); err != nil {
+		return nil, err
+	}
+	return d.dialTLSReserved(ctx, addr)
+}
+
+// dialTLSReserved is dialTLS for a dial already reserved, which it gives
+// back once the handshake is over.
+func (d *Dialer) dialTLSReserved(ctx context.Context, addr string) (*tlsStream, error) {
+	defer func() { <-d.dialing }()
 	c, err := d.dialTCP(ctx, addr)
 	if err != nil {
 		return nil, err
@@ -201,7 +244,15 @@ func (d *Dialer) dialTLS(ctx context.Context, addr string) (*tlsStream, error) {
 // that negotiated ALPNBulk switches to the bulk record layer once the
 // reply is read.
 func (d *Dialer) openTLS(ctx context.Context, addr string, kind Kind, wire []byte) (Stream, error) {
-	s, err := d.dialTLS(ctx, addr)
+	if err := d.reserveDials(ctx, addr, 1); err != nil {
+		return nil, err
+	}
+	return d.openTLSReserved(ctx, addr, kind, wire)
+}
+
+// openTLSReserved is openTLS for a dial already reserved.
+func (d *Dialer) openTLSReserved(ctx context.Context, addr string, kind Kind, wire []byte) (Stream, error) {
+	s, err := d.dialTLSReserved(ctx, addr)
 	if err != nil {
 		return nil, err
 	}

@@ -45,11 +45,11 @@ type laneGroups struct {
 }
 
 // newLaneGroups sizes the budgets from the handshake limit: a host takes
-// as many gathering groups as connections in their handshake, a quarter
-// of them from one peer, and four lanes held for each.
+// as many gathering groups as connections in their handshake, half of
+// them from one peer, and four lanes held for each.
 func newLaneGroups(handshakes int) laneGroups {
 	return laneGroups{groups: map[laneKey]*laneGroup{}, perPeer: map[string]int{},
-		max: handshakes, peerMax: max(1, handshakes/4), heldMax: 4 * handshakes}
+		max: handshakes, peerMax: max(1, handshakes/2), heldMax: 4 * handshakes}
 }
 
 // joinLane adds the lane s with header h to its group. The first lane
@@ -229,6 +229,9 @@ func (d *Dialer) OpenStriped(ctx context.Context, addr string, h Header, lanes i
 	if _, err := rand.Read(h.lane.group[:]); err != nil {
 		return nil, err
 	}
+	if err := d.reserveDials(ctx, addr, lanes); err != nil {
+		return nil, err
+	}
 	streams := make([]Stream, lanes)
 	errs := make([]error, lanes)
 	var wg sync.WaitGroup
@@ -256,14 +259,15 @@ func (d *Dialer) OpenStriped(ctx context.Context, addr string, h Header, lanes i
 	return newStriped(streams), nil
 }
 
-// openLane opens one lane: a data stream over TLS that must have switched
-// to the bulk record layer.
+// openLane opens one lane, its dial reserved: a data stream over TLS that
+// must have switched to the bulk record layer.
 func (d *Dialer) openLane(ctx context.Context, addr string, h Header) (Stream, error) {
 	wire, err := h.AppendBinary(make([]byte, 0, MaxHeaderLen))
 	if err != nil {
+		<-d.dialing
 		return nil, err
 	}
-	s, err := d.openTLS(ctx, addr, KindData, wire)
+	s, err := d.openTLSReserved(ctx, addr, KindData, wire)
 	if err != nil {
 		return nil, err
 	}

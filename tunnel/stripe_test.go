@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -303,6 +304,14 @@ func readFrames(lanes ...[]byte) (data []byte, valid, dup bool) {
 	return out, valid, dup
 }
 
+// reservedLane opens one lane as OpenStriped does, its dial reserved.
+func reservedLane(ctx context.Context, d *Dialer, addr string, h Header) (Stream, error) {
+	if err := d.reserveDials(ctx, addr, 1); err != nil {
+		return nil, err
+	}
+	return d.openLane(ctx, addr, h)
+}
+
 // TestStripedLanesMustAllCome opens only some lanes of a stream: the
 // listener refuses the first with a timeout once the handshake timeout
 // passes, and closes the others.
@@ -318,7 +327,7 @@ func TestStripedLanesMustAllCome(t *testing.T) {
 		go func() {
 			lh := h
 			lh.lane.index = i
-			s, err := p.d.openLane(ctx, p.addr, lh)
+			s, err := reservedLane(ctx, p.d, p.addr, lh)
 			if s != nil {
 				s.Close()
 			}
@@ -368,7 +377,7 @@ func TestStripedLaneOfAnotherPeer(t *testing.T) {
 		go func() {
 			lh := h
 			lh.lane.index = uint8(i)
-			s, err := d.openLane(ctx, ln.Addr().String(), lh)
+			s, err := reservedLane(ctx, d, ln.Addr().String(), lh)
 			if s != nil {
 				s.Close()
 			}
@@ -411,7 +420,7 @@ func TestStripedLaneRefusals(t *testing.T) {
 	p.ln.lanes.peerMax = 1
 	first := make(chan error, 1)
 	go func() { // the first lane of group 1 waits for its second
-		s, err := p.d.openLane(ctx, p.addr, lane(0, 2, 1, "main"))
+		s, err := reservedLane(ctx, p.d, p.addr, lane(0, 2, 1, "main"))
 		if s != nil {
 			s.Close()
 		}
@@ -426,14 +435,14 @@ func TestStripedLaneRefusals(t *testing.T) {
 		"lane 0 twice":          lane(0, 2, 1, "main"),
 	} {
 		want := &RefusedError{Reason: ReasonMalformed}
-		if s, err := p.d.openLane(ctx, p.addr, h); !errors.Is(err, want) {
+		if s, err := reservedLane(ctx, p.d, p.addr, h); !errors.Is(err, want) {
 			if s != nil {
 				s.Close()
 			}
 			t.Errorf("%s: %v, want refused: malformed", name, err)
 		}
 	}
-	if s, err := p.d.openLane(ctx, p.addr, lane(0, 2, 2, "main")); !errors.Is(err, &RefusedError{Reason: ReasonLimit}) {
+	if s, err := reservedLane(ctx, p.d, p.addr, lane(0, 2, 2, "main")); !errors.Is(err, &RefusedError{Reason: ReasonLimit}) {
 		if s != nil {
 			s.Close()
 		}
@@ -550,6 +559,50 @@ func TestStripedHeaderRoundTrip(t *testing.T) {
 		}
 		if _, err := ReadHeader(bytes.NewReader(b)); !errors.Is(err, &RefusedError{Reason: ReasonMalformed}) {
 			t.Errorf("%s: %v, want refused: malformed", name, err)
+		}
+	}
+}
+
+// TestStripedBurst opens 96 streams of four lanes at once, 384 connections
+// against a listener that takes 256 in their handshake: the dialer keeps
+// its own handshakes within bounds, so every stream opens and echoes.
+func TestStripedBurst(t *testing.T) {
+	leaktest.Check(t)
+	p := newPair(t, TLS)
+	wait := p.serve(t, func(in *Incoming) {
+		s, err := in.Accept()
+		if err != nil {
+			return
+		}
+		defer s.Close()
+		io.Copy(s, s)
+		s.CloseWrite()
+	})
+	defer wait()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	const streams = 96
+	errs := make(chan error, streams)
+	for i := range streams {
+		go func() {
+			s, err := p.d.OpenStriped(ctx, p.addr, Header{Kind: KindData, Channel: "main", Index: uint64(i)}, 4)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer s.Close()
+			msg := randBytes(64<<10 + i)
+			go func() { s.Write(msg); s.CloseWrite() }()
+			got, err := io.ReadAll(s)
+			if err == nil && !bytes.Equal(got, msg) {
+				err = fmt.Errorf("stream %d: %d of %d bytes came back, or they differ", i, len(got), len(msg))
+			}
+			errs <- err
+		}()
+	}
+	for range streams {
+		if err := <-errs; err != nil {
+			t.Error(err)
 		}
 	}
 }
