@@ -274,6 +274,15 @@ func WriteTable(w io.Writer, r Report) error {
 	return nil
 }
 
+// mbps renders a rate for the table and the chart: whole MB/s, two
+// decimals below 10.
+func mbps(v float64) string {
+	if v < 10 {
+		return fmt.Sprintf("%.2f", v)
+	}
+	return fmt.Sprintf("%.0f", v)
+}
+
 func ratio(x float64) string {
 	if x >= 10 {
 		return strconv.FormatFloat(x, 'f', 0, 64)

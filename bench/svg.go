@@ -137,11 +137,3 @@ func color(p Result) string {
 }
 
 func esc(s string) string { return html.EscapeString(s) }
-
-// mbps renders a rate as the table does: whole MB/s, two decimals below 10.
-func mbps(v float64) string {
-	if v < 10 {
-		return fmt.Sprintf("%.2f", v)
-	}
-	return fmt.Sprintf("%.0f", v)
-}

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 )
 
@@ -45,6 +46,9 @@ func (c *Config) tcpControl() func(network, address string, rc syscall.RawConn) 
 		cc = ""
 	}
 	buf := c.SocketBuffer
+	// Read once, at the first socket that cannot force its buffers, not
+	// at every connection.
+	limits := sync.OnceValue(readBufferLimits)
 	return func(_, _ string, rc syscall.RawConn) error {
 		var serr error
 		err := rc.Control(func(fd uintptr) {
@@ -54,8 +58,8 @@ func (c *Config) tcpControl() func(network, address string, rc syscall.RawConn) 
 				}
 			}
 			if buf > 0 {
-				setBuffer(int(fd), syscall.SO_SNDBUFFORCE, syscall.SO_SNDBUF, buf)
-				setBuffer(int(fd), syscall.SO_RCVBUFFORCE, syscall.SO_RCVBUF, buf)
+				setBuffer(int(fd), syscall.SO_SNDBUFFORCE, syscall.SO_SNDBUF, buf, limits)
+				setBuffer(int(fd), syscall.SO_RCVBUFFORCE, syscall.SO_RCVBUF, buf, limits)
 			}
 		})
 		if err != nil {
@@ -70,11 +74,11 @@ func (c *Config) tcpControl() func(network, address string, rc syscall.RawConn) 
 // it, the plain option is capped at those limits and also switches off the
 // kernel's autotuning for the socket, so it is used only when the capped
 // buffer is no smaller than what autotuning would reach (see plainBuffer).
-func setBuffer(fd, force, plain, n int) {
+func setBuffer(fd, force, plain, n int, limits func() bufferLimits) {
 	if syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, force, n) == nil {
 		return
 	}
-	l := readBufferLimits()
+	l := limits()
 	limit, auto := l.sendMax, l.sendAuto
 	if plain == syscall.SO_RCVBUF {
 		limit, auto = l.recvMax, l.recvAuto
